@@ -1,0 +1,47 @@
+# The two commands of the README:
+#   make run    install and run the node on its embedded default
+#   make test   install everything the tests need and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned, so that no dependency range pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PIP_FLAGS ?= -q
+# dcmtk's tools (storescu, storescp) and Orthanc, which embeds dcmtk, leave Nagle on otherwise.
+export TCP_NODELAY := 1
+
+.PHONY: run test install system-deps lint typecheck unit bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+system-deps:
+	bash deploy/install-system-deps.sh
+
+run: install
+	$(VENV)/bin/pacs-ai serve
+
+lint: install
+	$(PY) -m ruff check pacs_ai workers tests bench
+	$(PY) -m ruff format --check pacs_ai workers tests bench
+
+typecheck: install
+	$(PY) -m mypy
+
+unit: install
+	$(PY) -m pytest -m "not slow"
+
+test: install system-deps lint typecheck
+	$(PY) -m pytest
+
+bench: install system-deps
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) pacs-ai-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install the real DICOM peers the node is tested against, from Debian's packages:
+#   dcmtk        storescu / echoscu / storescp (called by full path under /usr/bin)
+#   orthanc      a real PACS, with its DICOMweb plugin
+#   dicom3tools  dciodvfy, the validator for the objects we write
+# Does nothing when they are all present. Needs root (or sudo) to install.
+set -euo pipefail
+
+need=()
+[ -x /usr/bin/storescu ] && [ -x /usr/bin/echoscu ] && [ -x /usr/bin/storescp ] || need+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+[ -x /usr/bin/dciodvfy ] || need+=(dicom3tools)
+command -v redis-server >/dev/null || need+=(redis-server)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+  sudo=()
+elif command -v sudo >/dev/null; then
+  sudo=(sudo)
+else
+  echo "missing system packages: ${need[*]}" >&2
+  echo "install them as root: apt-get install ${need[*]}" >&2
+  exit 1
+fi
+
+echo "installing system packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+# policy-rc.d keeps the packages' own services (Orthanc on port 4242, redis) from starting:
+# the tests start their own instances on loopback.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+  "${sudo[@]}" chmod +x /usr/sbin/policy-rc.d
+  trap '"${sudo[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,442 @@
+"""``pacs-ai``: run and inspect the node.
+
+Each command reads the configuration once (``--config`` / ``PACS_AI_CONFIG`` /
+``./pacs-ai.toml``) and passes it down. Listings take ``--json`` for scripts.
+Exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pacs_ai import __version__
+from pacs_ai.config import Settings, config_path, load_settings, parse_peer
+from pacs_ai.errors import ConfigError, PacsAiError
+
+app = typer.Typer(
+    help="pacs-ai: a DICOM node that receives studies, runs AI models and returns the results.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+studies_app = typer.Typer(help="Studies the node holds.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(studies_app, name="studies")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML file; default $PACS_AI_CONFIG, then ./pacs-ai.toml."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        raise typer.Exit(2) from None
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    err.print(f"[red]invalid configuration[/red] ({exc.source}):")
+    for key, message in exc.problems:
+        err.print(f"  {key or '(file)'}: {message}")
+
+
+def _dump(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"pacs-ai {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """pacs-ai admin command."""
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node in the foreground: DICOM listener and study assembly.
+
+    Stop it with Ctrl-C or SIGTERM: open associations are drained first.
+    """
+    from pacs_ai.node import Node
+
+    settings = _settings(config)
+    try:
+        Node(settings).run()
+    except PacsAiError as exc:
+        _fail(str(exc))
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Validate the configuration and print every problem with its key."""
+    source = config_path(config)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        if json_out:
+            _dump(
+                {
+                    "valid": False,
+                    "source": exc.source,
+                    "problems": [{"key": k, "message": m} for k, m in exc.problems],
+                }
+            )
+        else:
+            _print_config_error(exc)
+        raise typer.Exit(2) from None
+    if json_out:
+        _dump(
+            {
+                "valid": True,
+                "source": str(source or "defaults"),
+                "settings": settings.model_dump(mode="json"),
+            }
+        )
+        return
+    node = settings.node
+    out.print(f"[green]configuration is valid[/green] ({source or 'defaults'})")
+    out.print(f"  AE {node.ae_title}, DICOM port {node.dicom_port}, HTTP port {node.http_port}")
+    out.print(
+        f"  data dir {node.data_dir}, quiet period {node.quiet_period_s:g} s, "
+        f"{node.receiver_count} receiver process(es)"
+    )
+    for peer in settings.peers:
+        roles = "/".join(r for r, on in (("send", peer.send), ("receive", peer.receive)) if on)
+        out.print(
+            f"  peer {peer.name}: {peer.ae_title}@{peer.host}:{peer.port} ({roles or 'disabled'})"
+        )
+
+
+# --- echo / send ---------------------------------------------------------------------------
+
+
+@app.command()
+def echo(
+    target: Annotated[str, typer.Argument(help="AE@host:port, or the name of a configured peer.")],
+    config: ConfigOption = None,
+    calling_ae: Annotated[
+        str | None, typer.Option(help="Our AE title; default node.ae_title.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
+) -> None:
+    """C-ECHO a peer."""
+    from pacs_ai.dicom.scu import echo as c_echo
+
+    settings = _settings(config)
+    try:
+        peer = parse_peer(target, settings)
+        start = time.perf_counter()
+        status = c_echo(peer, calling_ae or settings.node.ae_title, timeout)
+    except PacsAiError as exc:
+        _fail(str(exc))
+    took = (time.perf_counter() - start) * 1000
+    if status != 0:
+        _fail(f"{peer.ae_title} answered C-ECHO with status 0x{status:04X}")
+    out.print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: success ({took:.0f} ms)")
+
+
+@app.command()
+def send(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders (walked recursively).", exists=True)
+    ],
+    to: Annotated[
+        str, typer.Option("--to", help="AE@host:port, or the name of a configured peer.")
+    ],
+    config: ConfigOption = None,
+    associations: Annotated[int, typer.Option(min=1, max=16, help="Parallel associations.")] = 1,
+    calling_ae: Annotated[
+        str | None, typer.Option(help="Our AE title; default node.ae_title.")
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """C-STORE files to a peer, byte for byte, with a progress bar and a summary per status."""
+    from pacs_ai.dicom import scu
+    from pacs_ai.dicom.status import describe
+
+    settings = _settings(config)
+    try:
+        peer = parse_peer(to, settings)
+    except PacsAiError as exc:
+        _fail(str(exc), 2)
+    report = scu.SendReport()
+    files = scu.scan(paths, report)
+    if not files:
+        _fail(f"no DICOM files found under {', '.join(map(str, paths))}")
+    progress = Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=json_out or not err.is_terminal,
+    )
+    start = time.perf_counter()
+    with progress:
+        task = progress.add_task("send", total=len(files))
+        try:
+            scu.send(
+                files,
+                peer,
+                calling_ae or settings.node.ae_title,
+                associations,
+                report,
+                on_sent=lambda *_: progress.advance(task),
+            )
+        except PacsAiError as exc:
+            _fail(str(exc))
+    took = time.perf_counter() - start
+    if json_out:
+        _dump({**report.as_json(), "seconds": round(took, 3)})
+    else:
+        table = Table(title=f"Sent to {peer.ae_title}@{peer.host}:{peer.port} in {took:.1f} s")
+        table.add_column("status")
+        table.add_column("meaning")
+        table.add_column("files", justify="right")
+        for status, n in sorted(report.by_status.items()):
+            label = f"0x{status:04X}" if status >= 0 else "none"
+            table.add_row(label, describe(status) if status >= 0 else "no response", str(n))
+        if report.skipped:
+            table.add_row("-", "skipped (not DICOM)", str(len(report.skipped)))
+        out.print(table)
+        for path, status, comment in report.failures[:20]:
+            label = f"0x{status:04X}" if status >= 0 else "none"
+            out.print(f"  failed {path}: {label} {comment}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# --- studies -------------------------------------------------------------------------------
+
+
+def _engine(settings: Settings) -> Any:
+    from pacs_ai.storage.db import open_database
+
+    try:
+        return open_database(settings.database_url)
+    except PacsAiError as exc:
+        _fail(str(exc))
+
+
+@studies_app.command("list")
+def studies_list(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="RECEIVING or COMPLETE.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 1000,
+    json_out: JsonOption = False,
+) -> None:
+    """Studies held, newest first, with state and counts."""
+    from pacs_ai.storage import index
+    from pacs_ai.storage.schema import STUDY_STATES
+
+    if state is not None and state.upper() not in STUDY_STATES:
+        _fail(f"--state must be one of {', '.join(STUDY_STATES)}", 2)
+    settings = _settings(config)
+    rows = index.list_studies(_engine(settings), state.upper() if state else None, limit)
+    if json_out:
+        _dump([r.as_json() for r in rows])
+        return
+    table = Table(title=f"{len(rows)} studies")
+    for name in (
+        "study instance uid",
+        "from",
+        "state",
+        "patient id",
+        "accession",
+        "date",
+        "description",
+        "mod",
+        "series",
+        "inst",
+        "last received",
+    ):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(
+            r.study_instance_uid,
+            r.calling_ae,
+            r.state,
+            r.patient_id,
+            r.accession_number,
+            r.study_date,
+            r.study_description,
+            r.modalities,
+            str(r.series_count),
+            str(r.instance_count),
+            _when(r.last_received_at),
+        )
+    out.print(table)
+
+
+@studies_app.command("show")
+def studies_show(
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """One study: state, counts, and its series."""
+    from pacs_ai.storage import index
+
+    settings = _settings(config)
+    engine = _engine(settings)
+    found = index.find_studies(engine, study_uid)
+    if not found:
+        _fail(f"no study {study_uid} on this node (see `pacs-ai studies list`)")
+    if json_out:
+        _dump(
+            [
+                {**s.as_json(), "series": [x.as_json() for x in index.list_series(engine, s.id)]}
+                for s in found
+            ]
+        )
+        return
+    for s in found:
+        out.print(f"[bold]Study {s.study_instance_uid}[/bold] from {s.calling_ae}: {s.state}")
+        out.print(
+            f"  patient id {s.patient_id or '-'}, accession {s.accession_number or '-'}, "
+            f"date {s.study_date or '-'}, {s.study_description or 'no description'}"
+        )
+        out.print(
+            f"  {s.series_count} series, {s.instance_count} instances, {s.duplicates} duplicates"
+        )
+        out.print(
+            f"  first {_when(s.first_received_at)}, last {_when(s.last_received_at)}, "
+            f"completed {_when(s.completed_at)} ({s.completions}x, reopened {s.reopened}x)"
+        )
+        table = Table()
+        for name in (
+            "series instance uid",
+            "#",
+            "modality",
+            "description",
+            "body part",
+            "instances",
+        ):
+            table.add_column(name)
+        for x in index.list_series(engine, s.id):
+            table.add_row(
+                x.series_instance_uid,
+                str(x.series_number or ""),
+                x.modality,
+                x.series_description,
+                x.body_part_examined,
+                str(x.instance_count),
+            )
+        out.print(table)
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+@app.command()
+def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Node health: listener, data dir, free disk, counts."""
+    from pacs_ai.config import PeerSettings
+    from pacs_ai.dicom.scu import echo as c_echo
+    from pacs_ai.storage import index
+    from pacs_ai.storage.spool import Spool
+
+    settings = _settings(config)
+    node = settings.node
+    host = (
+        "127.0.0.1" if node.bind in ("0.0.0.0", "") else ("::1" if node.bind == "::" else node.bind)
+    )
+    try:
+        listening = (
+            c_echo(
+                PeerSettings(name="self", ae_title=node.ae_title, host=host, port=node.dicom_port),
+                node.ae_title,
+                3.0,
+            )
+            == 0
+        )
+    except PacsAiError:
+        listening = False
+    spool = Spool(node.data_dir, int(settings.storage.reserve_mb * 2**20))
+    spool.prepare()
+    disk = shutil.disk_usage(node.data_dir)
+    counts = index.totals(_engine(settings))
+    data: dict[str, Any] = {
+        "ae_title": node.ae_title,
+        "dicom": {"bind": node.bind, "port": node.dicom_port, "listening": listening},
+        "http_port": node.http_port,
+        "data_dir": str(node.data_dir.resolve()),
+        "database": settings.database_url.split("@")[-1]
+        if "@" in settings.database_url
+        else settings.database_url,
+        "disk": {
+            "free_bytes": disk.free,
+            "total_bytes": disk.total,
+            "reserve_bytes": spool.reserve_bytes,
+            "below_reserve": disk.free < spool.reserve_bytes,
+        },
+        "counts": {**counts, "quarantined": spool.quarantine_count()},
+    }
+    if json_out:
+        _dump(data)
+        return
+    mark = "[green]listening[/green]" if listening else "[red]not answering C-ECHO[/red]"
+    out.print(
+        f"AE {node.ae_title}: DICOM {node.bind}:{node.dicom_port} {mark}; "
+        f"HTTP port {node.http_port}"
+    )
+    out.print(
+        f"data dir {data['data_dir']}: {disk.free / 2**30:.1f} GiB free of "
+        f"{disk.total / 2**30:.1f} GiB (reserve {spool.reserve_bytes / 2**20:.0f} MiB)"
+        + (" [red]BELOW RESERVE: refusing images[/red]" if disk.free < spool.reserve_bytes else "")
+    )
+    out.print(f"database {data['database']}")
+    out.print(
+        f"studies: {counts['studies_receiving']} receiving, {counts['studies_complete']} complete; "
+        f"{counts['series']} series, {counts['instances']} instances "
+        f"({counts['bytes'] / 2**20:.1f} MiB), {counts['duplicates']} duplicates, "
+        f"{data['counts']['quarantined']} quarantined"
+    )
+    if not listening:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

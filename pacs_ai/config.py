@@ -1,0 +1,262 @@
+"""Settings: one typed object built once per process from a TOML file and ``PACS_AI_*``.
+
+Precedence, highest first: environment variables, the TOML file, the defaults below.
+Nested keys use a double underscore in the environment: ``PACS_AI_NODE__DICOM_PORT=11113``
+overrides ``[node] dicom_port``; ``PACS_AI_PEERS`` takes the whole peer list as JSON.
+
+The file is found by ``--config``, else ``$PACS_AI_CONFIG``, else ``./pacs-ai.toml`` if it
+exists; with none of them the defaults describe a working node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pacs_ai.errors import ConfigError
+
+CONFIG_ENV = "PACS_AI_CONFIG"
+DEFAULT_CONFIG_FILE = "pacs-ai.toml"
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE is 16 characters of the default repertoire without backslash or
+    # control characters; leading and trailing spaces are not significant.
+    title = value.strip()
+    if not title:
+        raise ValueError("an AE title must not be empty or only spaces")
+    if len(title) > 16:
+        raise ValueError(f"AE title {title!r} is longer than 16 characters")
+    if "\\" in title or any(ord(c) < 0x20 or ord(c) > 0x7E for c in title):
+        raise ValueError(f"AE title {title!r} may hold only printable ASCII without backslash")
+    return title
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """``[node]``: who the node is on the network and how it receives."""
+
+    ae_title: AETitle = "PACSAI"
+    dicom_port: Port = 11112
+    http_port: Port = 8080
+    data_dir: Path = Path("./pacs-ai-data")
+    quiet_period_s: float = Field(30.0, gt=0, le=86400)
+    # Address the DICOM listener binds to; hospitals need every interface, tests use loopback.
+    bind: str = "0.0.0.0"
+    # Receiver processes sharing the DICOM port (SO_REUSEPORT); 0 means one per CPU, at most 4.
+    receivers: int = Field(0, ge=0, le=64)
+    max_associations: int = Field(32, ge=1, le=1024)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    # With false, any calling AE may store; with true only peers with send = true, from their host.
+    require_known_peers: bool = False
+    # Reject associations whose Called AE Title is not ours.
+    check_called_ae: bool = True
+    # Seconds a stopping node waits for open associations to finish before aborting them.
+    drain_timeout_s: float = Field(10.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def receiver_count(self) -> int:
+        if self.receivers:
+            return self.receivers
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+class StorageSettings(_Section):
+    """``[storage]``: the spool on disk."""
+
+    # Below this much free space the node answers 0xA700 and refuses new associations.
+    reserve_mb: float = Field(1024.0, ge=0)
+
+
+class DatabaseSettings(_Section):
+    """``[database]``: the index. Empty url means SQLite in the data dir."""
+
+    url: str = ""
+
+
+class PeerSettings(_Section):
+    """``[[peers]]``: a PACS or modality the node talks to."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: Annotated[str, Field(min_length=1)]
+    port: Port = 104
+    send: bool = True
+    receive: bool = True
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one node. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACS_AI_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    peers: tuple[PeerSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_peer_names(self) -> Settings:
+        seen: set[str] = set()
+        for peer in self.peers:
+            if peer.name in seen:
+                raise ValueError(f"peer name {peer.name!r} is used twice; names must be unique")
+            seen.add(peer.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    # Paths derived from the data dir, in one place so every process agrees on the layout.
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "studies"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.node.data_dir / "tmp"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.node.data_dir / "quarantine"
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.node.data_dir / 'index.sqlite3').resolve()}"
+
+    def peer(self, name: str) -> PeerSettings | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    def peers_with_ae(self, ae_title: str) -> list[PeerSettings]:
+        return [p for p in self.peers if p.ae_title == ae_title.strip()]
+
+
+def config_path(explicit: str | Path | None) -> Path | None:
+    """The file to read: ``--config``, else ``$PACS_AI_CONFIG``, else ``./pacs-ai.toml``."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read, merge and validate the configuration.
+
+    Raises :class:`ConfigError` listing every problem, each with its key.
+    """
+    source = config_path(path)
+    data: dict[str, Any] = {}
+    if source is not None:
+        data = _read_toml(source)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc, data), str(source or "defaults")) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [("", f"file not found; create it or point --config / {CONFIG_ENV} at one")],
+            str(path),
+        ) from None
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read the file: {exc.strerror}")], str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"not valid TOML: {exc}")], str(path)) from None
+
+
+def _problems(exc: ValidationError, data: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        loc = [part for part in err["loc"] if not _is_validator_name(part)]
+        key = _format_key(loc)
+        if err["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against the configuration reference"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                message += f" (got {err['input']!r})"
+        problems.append((key, message))
+    return problems
+
+
+def _is_validator_name(part: Any) -> bool:
+    # pydantic puts the validator's name into the location of AfterValidator errors.
+    return isinstance(part, str) and part.startswith("function-")
+
+
+def _format_key(loc: list[Any]) -> str:
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        else:
+            key += f".{part}" if key else str(part)
+    return key
+
+
+_AE_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@\[\]]+):(?P<port>\d{1,5})$")
+
+
+def parse_peer(spec: str, settings: Settings) -> PeerSettings:
+    """Turn ``AE@host:port`` or the name of a configured peer into a :class:`PeerSettings`."""
+    from pacs_ai.errors import PeerAddressError
+
+    configured = settings.peer(spec)
+    if configured is not None:
+        return configured
+    match = _AE_ADDRESS.match(spec)
+    if not match:
+        names = ", ".join(p.name for p in settings.peers) or "none configured"
+        raise PeerAddressError(
+            f"{spec!r} is neither AE@host:port (e.g. ORTHANC@127.0.0.1:4242) "
+            f"nor the name of a configured peer ({names})"
+        )
+    try:
+        return PeerSettings(
+            name="command-line",
+            ae_title=match["ae"],
+            host=match["host"].strip("[]"),
+            port=int(match["port"]),
+        )
+    except ValidationError as exc:
+        detail = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise PeerAddressError(f"{spec!r}: {detail}") from None

@@ -1,0 +1,64 @@
+"""Wrap a received data set in the DICOM File Format (PS3.10 7.1) without decoding it.
+
+The data set bytes stay exactly as the peer sent them; only the 128-byte preamble, "DICM"
+and the File Meta Information (group 0002, always explicit VR little endian) go in front.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pacs_ai import __version__
+
+# pacs-ai's Implementation Class UID: a UUID-derived "2.25" UID (PS3.5 B.2), since we hold
+# no registered root of our own.
+IMPLEMENTATION_CLASS_UID = "2.25.208233147914046829934561209651271318418"
+IMPLEMENTATION_VERSION_NAME = f"PACSAI_{__version__}"[:16]
+
+_PREFIX = b"\x00" * 128 + b"DICM"
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    # Group 0002, explicit VR LE. Only OB (the version) takes the long form.
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = ""
+) -> bytes:
+    body = b"".join(
+        [
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid(sop_class_uid)),
+            _element(0x0003, b"UI", _uid(sop_instance_uid)),
+            _element(0x0010, b"UI", _uid(transfer_syntax_uid)),
+            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
+        ]
+        + ([_element(0x0016, b"AE", _text(source_ae))] if source_ae else [])
+    )
+    return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def part10_bytes(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    source_ae: str,
+    dataset: bytes,
+) -> bytes:
+    """Preamble + "DICM" + file meta + the data set exactly as received."""
+    meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
+    return b"".join((_PREFIX, meta, dataset))

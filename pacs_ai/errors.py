@@ -1,0 +1,62 @@
+"""The one exception tree of pacs-ai.
+
+::
+
+    PacsAiError
+     ├── ConfigError            a configuration file or override is wrong
+     ├── StorageError           the spool or the index could not keep an instance
+     │    ├── InvalidInstance   the object cannot be stored (missing or bad UIDs, unparseable)
+     │    └── OutOfSpace        free disk is below the configured reserve
+     ├── PeerAddressError       an ``AE@host:port`` string could not be parsed
+     └── NetworkError           a DICOM peer could not be reached or refused us
+
+Every error carries a message that names what is wrong and, where we can, how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class PacsAiError(Exception):
+    """Base class of every error pacs-ai raises on purpose."""
+
+
+class ConfigError(PacsAiError):
+    """The configuration is invalid.
+
+    ``problems`` holds one ``(key, message)`` pair per problem, with keys written as in
+    the TOML file (``node.dicom_port``, ``peers[0].ae_title``).
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        lines = [f"{key}: {message}" if key else message for key, message in problems]
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid configuration{where}:\n  " + "\n  ".join(lines))
+
+
+class StorageError(PacsAiError):
+    """An instance could not be kept durably."""
+
+
+class InvalidInstance(StorageError):
+    """The object is not storable as received.
+
+    ``status`` is the DIMSE failure status a C-STORE SCP answers with.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class OutOfSpace(StorageError):
+    """Free disk space is below the configured reserve."""
+
+
+class PeerAddressError(PacsAiError):
+    """A peer address given on the command line is not ``AE@host:port`` or a peer name."""
+
+
+class NetworkError(PacsAiError):
+    """A DICOM peer could not be reached, or it rejected or aborted the association."""

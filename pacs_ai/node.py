@@ -1,0 +1,171 @@
+"""``pacs-ai serve``: the receivers, the assembler, and a clean stop, as one service.
+
+One process owns the data dir: it migrates the database, clears unacknowledged temp files,
+runs the assembler and supervises the receivers. With ``node.receivers > 1`` each receiver
+is a spawned process listening on the shared port (SO_REUSEPORT), because one pynetdicom
+process is bound by the GIL well below what a PACS can push.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import signal
+import socket
+import threading
+import warnings
+from collections.abc import Sequence
+from types import FrameType
+
+import pydicom.config
+
+from pacs_ai.config import Settings
+from pacs_ai.dicom.scp import Receiver
+from pacs_ai.errors import NetworkError
+from pacs_ai.pipeline.assemble import Assembler, CompletionListener
+from pacs_ai.storage.db import open_database
+from pacs_ai.storage.ingest import Ingest
+from pacs_ai.storage.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+
+def configure_process(settings: Settings) -> None:
+    """Per-process setup shared by the node and its receiver processes."""
+    logging.basicConfig(level=settings.node.log_level, format=LOG_FORMAT, force=True)
+    # We keep bytes as received and read only a few attributes: a sender's odd value
+    # must not turn into a warning per instance (or an error under strict settings).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    quiet = max(logging.WARNING, logging.getLogger().level)
+    for noisy in ("pynetdicom", "alembic"):
+        logging.getLogger(noisy).setLevel(quiet)
+
+
+def make_ingest(settings: Settings, run_migrations: bool) -> Ingest:
+    spool = Spool(settings.node.data_dir, int(settings.storage.reserve_mb * 2**20))
+    spool.prepare(clean_tmp=run_migrations)
+    engine = open_database(settings.database_url, run_migrations=run_migrations)
+    return Ingest(spool, engine)
+
+
+def _check_port_free(settings: Settings) -> None:
+    # Receivers bind with SO_REUSEPORT, which would silently share the port with another
+    # pacs-ai started by mistake. A plain bind first tells us whether anyone holds it.
+    node = settings.node
+    family = socket.AF_INET6 if ":" in node.bind else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    # SO_REUSEADDR so that connections in TIME_WAIT from a previous run do not count.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((node.bind, node.dicom_port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise NetworkError(
+                f"DICOM port {node.dicom_port} on {node.bind} is already in use (another node "
+                "or PACS?); stop it or set node.dicom_port"
+            ) from None
+        raise NetworkError(
+            f"cannot listen on {node.bind}:{node.dicom_port}: {exc.strerror}"
+        ) from None
+    finally:
+        probe.close()
+
+
+def _receiver_process(settings: Settings, stop: multiprocessing.synchronize.Event) -> None:
+    configure_process(settings)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    receiver = Receiver(settings, make_ingest(settings, run_migrations=False), reuse_port=True)
+    receiver.start()
+    stop.wait()
+    receiver.stop(settings.node.drain_timeout_s)
+
+
+class Node:
+    """The running node. ``listeners`` hear of each study completion (the AI path hangs here)."""
+
+    def __init__(self, settings: Settings, listeners: Sequence[CompletionListener] = ()) -> None:
+        self.settings = settings
+        self.listeners = list(listeners)
+        self.stop_event = threading.Event()
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if signum is not None:
+            logger.info("received %s, stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def run(self) -> None:
+        settings = self.settings
+        configure_process(settings)
+        _check_port_free(settings)
+        ingest = make_ingest(settings, run_migrations=True)
+        assembler = Assembler(ingest.engine, settings.node.quiet_period_s, self.listeners)
+        assembly_stop = threading.Event()
+        assembly = threading.Thread(target=assembler.run, args=(assembly_stop,), name="assembler")
+
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+        count = settings.node.receiver_count
+        local: Receiver | None = None
+        ctx = multiprocessing.get_context("spawn")
+        child_stop = ctx.Event()
+        children: list[multiprocessing.process.BaseProcess] = []
+        if count == 1:
+            local = Receiver(settings, ingest)
+            local.start()
+        else:
+            for i in range(count):
+                children.append(self._spawn(ctx, child_stop, i))
+            logger.info(
+                "%d receiver processes share DICOM port %d", count, settings.node.dicom_port
+            )
+        assembly.start()
+        logger.info(
+            "pacs-ai ready: AE %s, DICOM port %d, data dir %s, quiet period %.1f s",
+            settings.node.ae_title,
+            settings.node.dicom_port,
+            settings.node.data_dir,
+            settings.node.quiet_period_s,
+        )
+        try:
+            while not self.stop_event.wait(0.5):
+                for i, child in enumerate(children):
+                    if not child.is_alive():
+                        logger.error(
+                            "receiver %s died (exit %s); restarting", child.name, child.exitcode
+                        )
+                        children[i] = self._spawn(ctx, child_stop, i)
+        finally:
+            logger.info(
+                "stopping: draining associations (up to %.0f s)", settings.node.drain_timeout_s
+            )
+            if local is not None:
+                local.stop(settings.node.drain_timeout_s)
+            child_stop.set()
+            for child in children:
+                child.join(settings.node.drain_timeout_s + 5)
+                if child.is_alive():
+                    child.kill()
+            assembly_stop.set()
+            assembly.join()
+            ingest.engine.dispose()
+            logger.info("pacs-ai stopped")
+
+    def _spawn(
+        self,
+        ctx: multiprocessing.context.SpawnContext,
+        stop: multiprocessing.synchronize.Event,
+        i: int,
+    ) -> multiprocessing.process.BaseProcess:
+        process = ctx.Process(
+            target=_receiver_process, args=(self.settings, stop), name=f"receiver-{i}", daemon=True
+        )
+        process.start()
+        return process

@@ -1,0 +1,1 @@
+"""Synthetic studies with known truth, for demos, tests and benchmarks (never for diagnosis)."""

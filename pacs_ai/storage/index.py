@@ -1,0 +1,452 @@
+"""The index: which studies, series and instances the node holds, and in what state.
+
+Every function here takes an :class:`~sqlalchemy.Engine` and does one short transaction,
+so receivers in several processes (or on several hosts, with PostgreSQL) can share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Row, and_, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from pacs_ai.dicom.header import InstanceHeader
+from pacs_ai.storage.schema import COMPLETE, RECEIVING, instances, series, studies
+
+logger = logging.getLogger(__name__)
+
+
+def _dialect_insert(bind: Engine | Connection) -> Any:
+    # ON CONFLICT DO NOTHING is spelled the same on both, but lives in each dialect's insert().
+    return postgresql.insert if bind.dialect.name == "postgresql" else sqlite.insert
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], key: list[str]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING; True if a row was added."""
+    insert = _dialect_insert(conn)
+    statement = insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+    return conn.execute(statement.returning(*table.primary_key.columns)).first() is not None
+
+
+def is_known(engine: Engine, sop_instance_uid: str) -> bool:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
+        ).first()
+    return row is not None
+
+
+def count_duplicate(engine: Engine, sop_instance_uid: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(instances)
+            .where(instances.c.sop_instance_uid == sop_instance_uid)
+            .values(duplicates=instances.c.duplicates + 1)
+        )
+
+
+def _study_values(h: InstanceHeader, calling_ae: str, now: float) -> dict[str, Any]:
+    return {
+        "study_instance_uid": h.study_instance_uid,
+        "calling_ae": calling_ae,
+        "state": RECEIVING,
+        "patient_id": h.patient_id[:64],
+        "patient_name": h.patient_name[:324],
+        "patient_birth_date": h.patient_birth_date[:8],
+        "patient_sex": h.patient_sex[:16],
+        "accession_number": h.accession_number[:16],
+        "study_date": h.study_date[:8],
+        "study_time": h.study_time[:16],
+        "study_description": h.study_description[:64],
+        "referring_physician_name": h.referring_physician_name[:324],
+        "first_received_at": now,
+        "last_received_at": now,
+        "completed_at": None,
+        "series_count": 0,
+        "instance_count": 0,
+        "completions": 0,
+        "reopened": 0,
+    }
+
+
+def _series_values(h: InstanceHeader, study_id: int, now: float) -> dict[str, Any]:
+    return {
+        "study_id": study_id,
+        "series_instance_uid": h.series_instance_uid,
+        "modality": h.modality[:16],
+        "series_number": h.series_number,
+        "series_description": h.series_description[:64],
+        "body_part_examined": h.body_part_examined[:64],
+        "protocol_name": h.protocol_name[:64],
+        "manufacturer": h.manufacturer[:64],
+        "slice_thickness": h.slice_thickness,
+        "image_type": h.image_type[:256],
+        "first_received_at": now,
+    }
+
+
+class InstanceRecorder:
+    """Indexes stored instances; one per process, shared by its associations.
+
+    Study and series rows are looked up once and their ids kept, so a typical instance
+    costs one INSERT and two small UPDATEs. The statements are built once: at hundreds of
+    instances a second, building SQL per call costs more than running it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._study_ids: dict[tuple[str, str], int] = {}
+        self._series_ids: dict[tuple[int, str], int] = {}
+        greatest = func.max if engine.dialect.name == "sqlite" else func.greatest
+        # RETURNING tells "inserted" from "conflict" on both dialects; rowcount does not
+        # (PostgreSQL reports an implicit RETURNING's rowcount differently).
+        self._insert_instance = (
+            _dialect_insert(engine)(instances)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(instances.c.id)
+        )
+        self._reopen = (
+            update(studies)
+            .where(studies.c.id == bindparam("sid"), studies.c.state == COMPLETE)
+            .values(state=RECEIVING, reopened=studies.c.reopened + 1)
+        )
+        self._touch = (
+            update(studies)
+            .where(studies.c.id == bindparam("sid"))
+            .values(last_received_at=greatest(studies.c.last_received_at, bindparam("now")))
+        )
+        self._duplicate = (
+            update(instances)
+            .where(instances.c.sop_instance_uid == bindparam("sop"))
+            .values(duplicates=instances.c.duplicates + 1)
+        )
+
+    def record(
+        self, header: InstanceHeader, calling_ae: str, path: str, size: int, now: float
+    ) -> bool:
+        """Index one stored instance; False if its SOP Instance UID was already indexed.
+
+        A new instance for a COMPLETE study puts it back to RECEIVING (and counts the
+        reopening), so the assembler completes it again after the next quiet period.
+        """
+        try:
+            return self._record(header, calling_ae, path, size, now)
+        except IntegrityError:
+            # A cached study or series row was removed (purge): forget the ids, try once more.
+            self._study_ids.clear()
+            self._series_ids.clear()
+            return self._record(header, calling_ae, path, size, now)
+
+    def _record(self, h: InstanceHeader, calling_ae: str, path: str, size: int, now: float) -> bool:
+        with self.engine.begin() as conn:
+            study_id = self._study_id(conn, h, calling_ae, now)
+            series_id = self._series_id(conn, h, study_id, now)
+            added = conn.execute(
+                self._insert_instance,
+                {
+                    "sop_instance_uid": h.sop_instance_uid,
+                    "sop_class_uid": h.sop_class_uid,
+                    "series_id": series_id,
+                    "study_id": study_id,
+                    "instance_number": h.instance_number,
+                    "transfer_syntax_uid": h.transfer_syntax_uid,
+                    "path": path,
+                    "size_bytes": size,
+                    "calling_ae": calling_ae,
+                    "received_at": now,
+                    "duplicates": 0,
+                },
+            ).first()
+            if added is None:
+                # Another association stored the same instance a moment ago.
+                conn.execute(self._duplicate, {"sop": h.sop_instance_uid})
+                return False
+            reopened = conn.execute(self._reopen, {"sid": study_id}).rowcount
+            conn.execute(self._touch, {"sid": study_id, "now": now})
+        if reopened:
+            logger.info(
+                "study %s from %s reopened by new instance %s",
+                h.study_instance_uid,
+                calling_ae,
+                h.sop_instance_uid,
+            )
+        return True
+
+    def _study_id(self, conn: Connection, h: InstanceHeader, calling_ae: str, now: float) -> int:
+        key = (h.study_instance_uid, calling_ae)
+        if key not in self._study_ids:
+            _insert_ignore(
+                conn,
+                studies,
+                _study_values(h, calling_ae, now),
+                ["study_instance_uid", "calling_ae"],
+            )
+            self._study_ids[key] = conn.execute(
+                select(studies.c.id).where(
+                    studies.c.study_instance_uid == h.study_instance_uid,
+                    studies.c.calling_ae == calling_ae,
+                )
+            ).scalar_one()
+        return self._study_ids[key]
+
+    def _series_id(self, conn: Connection, h: InstanceHeader, study_id: int, now: float) -> int:
+        key = (study_id, h.series_instance_uid)
+        if key not in self._series_ids:
+            _insert_ignore(
+                conn, series, _series_values(h, study_id, now), ["study_id", "series_instance_uid"]
+            )
+            self._series_ids[key] = conn.execute(
+                select(series.c.id).where(
+                    series.c.study_id == study_id,
+                    series.c.series_instance_uid == h.series_instance_uid,
+                )
+            ).scalar_one()
+        return self._series_ids[key]
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    id: int
+    study_instance_uid: str
+    calling_ae: str
+    state: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    study_date: str
+    study_description: str
+    modalities: str
+    series_count: int
+    instance_count: int
+    duplicates: int
+    first_received_at: float
+    last_received_at: float
+    completed_at: float | None
+    completions: int
+    reopened: int
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _study_summaries(
+    conn: Connection, where: Any = None, limit: int | None = None
+) -> list[StudySummary]:
+    counts = (
+        select(
+            instances.c.study_id,
+            func.count(func.distinct(instances.c.series_id)).label("series_count"),
+            func.count(instances.c.id).label("instance_count"),
+            func.coalesce(func.sum(instances.c.duplicates), 0).label("duplicates"),
+        )
+        .group_by(instances.c.study_id)
+        .subquery()
+    )
+    query = (
+        select(
+            studies,
+            func.coalesce(counts.c.series_count, 0).label("live_series"),
+            func.coalesce(counts.c.instance_count, 0).label("live_instances"),
+            func.coalesce(counts.c.duplicates, 0).label("live_duplicates"),
+        )
+        .select_from(studies.outerjoin(counts, counts.c.study_id == studies.c.id))
+        .order_by(studies.c.last_received_at.desc())
+    )
+    if where is not None:
+        query = query.where(where)
+    if limit is not None:
+        query = query.limit(limit)
+    rows = conn.execute(query).all()
+    ids = [r.id for r in rows]
+    modalities: dict[int, set[str]] = {i: set() for i in ids}
+    if ids:
+        for study_id, modality in conn.execute(
+            select(series.c.study_id, series.c.modality).where(series.c.study_id.in_(ids))
+        ):
+            if modality:
+                modalities[study_id].add(modality)
+    return [_summary(r, modalities[r.id]) for r in rows]
+
+
+def _summary(r: Row[Any], modalities: set[str]) -> StudySummary:
+    return StudySummary(
+        id=r.id,
+        study_instance_uid=r.study_instance_uid,
+        calling_ae=r.calling_ae,
+        state=r.state,
+        patient_id=r.patient_id,
+        patient_name=r.patient_name,
+        accession_number=r.accession_number,
+        study_date=r.study_date,
+        study_description=r.study_description,
+        modalities="\\".join(sorted(modalities)),
+        series_count=r.live_series,
+        instance_count=r.live_instances,
+        duplicates=r.live_duplicates,
+        first_received_at=r.first_received_at,
+        last_received_at=r.last_received_at,
+        completed_at=r.completed_at,
+        completions=r.completions,
+        reopened=r.reopened,
+    )
+
+
+def list_studies(engine: Engine, state: str | None = None, limit: int = 1000) -> list[StudySummary]:
+    with engine.connect() as conn:
+        where = studies.c.state == state if state else None
+        return _study_summaries(conn, where, limit)
+
+
+def find_studies(engine: Engine, study_instance_uid: str) -> list[StudySummary]:
+    """Every reception of the study (one per calling AE)."""
+    with engine.connect() as conn:
+        return _study_summaries(conn, studies.c.study_instance_uid == study_instance_uid)
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    instance_count: int
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def list_series(engine: Engine, study_id: int) -> list[SeriesSummary]:
+    query = (
+        select(
+            series.c.series_instance_uid,
+            series.c.modality,
+            series.c.series_number,
+            series.c.series_description,
+            series.c.body_part_examined,
+            func.count(instances.c.id).label("instance_count"),
+        )
+        .select_from(series.outerjoin(instances, instances.c.series_id == series.c.id))
+        .where(series.c.study_id == study_id)
+        .group_by(series.c.id)
+        .order_by(series.c.series_number, series.c.series_instance_uid)
+    )
+    with engine.connect() as conn:
+        return [SeriesSummary(**row._mapping) for row in conn.execute(query)]
+
+
+def instance_paths(engine: Engine, study_id: int) -> list[str]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(instances.c.path)
+                .where(instances.c.study_id == study_id)
+                .order_by(instances.c.id)
+            ).scalars()
+        )
+
+
+def totals(engine: Engine) -> dict[str, int]:
+    """Counts for ``pacs-ai status``: studies by state, series, instances, duplicates."""
+    with engine.connect() as conn:
+        by_state: dict[str, int] = {
+            state: n
+            for state, n in conn.execute(
+                select(studies.c.state, func.count()).group_by(studies.c.state)
+            ).all()
+        }
+        n_instances, n_dups, n_bytes = conn.execute(
+            select(
+                func.count(instances.c.id),
+                func.coalesce(func.sum(instances.c.duplicates), 0),
+                func.coalesce(func.sum(instances.c.size_bytes), 0),
+            )
+        ).one()
+        n_series = conn.execute(select(func.count(series.c.id))).scalar_one()
+    return {
+        "studies_receiving": int(by_state.get(RECEIVING, 0)),
+        "studies_complete": int(by_state.get(COMPLETE, 0)),
+        "series": int(n_series),
+        "instances": int(n_instances),
+        "duplicates": int(n_dups),
+        "bytes": int(n_bytes),
+    }
+
+
+# --- assembly ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuietStudy:
+    id: int
+    last_received_at: float
+
+
+def receiving_studies(engine: Engine) -> list[QuietStudy]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(studies.c.id, studies.c.last_received_at).where(studies.c.state == RECEIVING)
+        ).all()
+    return [QuietStudy(r.id, r.last_received_at) for r in rows]
+
+
+@dataclass(frozen=True)
+class Completion:
+    study_id: int
+    study_instance_uid: str
+    calling_ae: str
+    series_count: int
+    instance_count: int
+    completed_at: float
+    completions: int
+
+
+def mark_complete(engine: Engine, study_id: int, cutoff: float, now: float) -> Completion | None:
+    """COMPLETE the study if it is still RECEIVING and quiet since ``cutoff``.
+
+    The guarded UPDATE makes this safe when several nodes share the database: exactly one
+    of them sees ``rowcount == 1`` and reports the completion.
+    """
+    with engine.begin() as conn:
+        n_series, n_instances = conn.execute(
+            select(
+                func.count(func.distinct(instances.c.series_id)), func.count(instances.c.id)
+            ).where(instances.c.study_id == study_id)
+        ).one()
+        result = conn.execute(
+            update(studies)
+            .where(
+                and_(
+                    studies.c.id == study_id,
+                    studies.c.state == RECEIVING,
+                    studies.c.last_received_at <= cutoff,
+                )
+            )
+            .values(
+                state=COMPLETE,
+                completed_at=now,
+                series_count=n_series,
+                instance_count=n_instances,
+                completions=studies.c.completions + 1,
+            )
+            .returning(studies.c.study_instance_uid, studies.c.calling_ae, studies.c.completions)
+        ).first()
+    if result is None:
+        return None
+    return Completion(
+        study_id=study_id,
+        study_instance_uid=result.study_instance_uid,
+        calling_ae=result.calling_ae,
+        series_count=int(n_series),
+        instance_count=int(n_instances),
+        completed_at=now,
+        completions=int(result.completions),
+    )

@@ -1,0 +1,240 @@
+"""Real processes for the tests: the node itself, Orthanc, and dcmtk's tools.
+
+Everything listens on 127.0.0.1 on ports picked free at start; readiness is waited for
+by asking the process (C-ECHO, HTTP), never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DCMTK = Path("/usr/bin")
+ORTHANC = Path("/usr/sbin/Orthanc")
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+# dcmtk's tools (and Orthanc, built on dcmtk) only disable Nagle when asked.
+TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk tool by full path (pynetdicom installs scripts with the same names)."""
+    return subprocess.run(
+        [str(DCMTK / tool), *args], env=TOOL_ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def echoscu_ok(ae: str, port: int) -> bool:
+    return dcmtk("echoscu", "-aec", ae, "127.0.0.1", str(port), timeout=10).returncode == 0
+
+
+@dataclass
+class NodeProcess:
+    """``pacs-ai serve`` in its own process, with a throw-away data dir and config."""
+
+    workdir: Path
+    ae_title: str = "PACSAI"
+    port: int = field(default_factory=free_port)
+    quiet_period_s: float = 1.0
+    receivers: int = 1
+    reserve_mb: float = 16
+    peers: list[dict[str, Any]] = field(default_factory=list)
+    extra_node: dict[str, Any] = field(default_factory=dict)
+    data_dir: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.data_dir is None:
+            self.data_dir = self.workdir / "data"
+        self.config = self.workdir / "pacs-ai.toml"
+        self.log = self.workdir / "node.log"
+        self.write_config()
+
+    def write_config(self) -> None:
+        node = {
+            "ae_title": self.ae_title,
+            "bind": "127.0.0.1",
+            "dicom_port": self.port,
+            "data_dir": str(self.data_dir),
+            "quiet_period_s": self.quiet_period_s,
+            "receivers": self.receivers,
+            "drain_timeout_s": 5,
+            **self.extra_node,
+        }
+        lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
+        lines += ["[storage]", f"reserve_mb = {self.reserve_mb}"]
+        for peer in self.peers:
+            lines.append("[[peers]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in peer.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pacs_ai", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+
+    def cli_json(self, *args: str) -> Any:
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stderr + result.stdout
+        return json.loads(result.stdout)
+
+    def start(self) -> NodeProcess:
+        self.log_file = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pacs_ai", "serve", "--config", str(self.config)],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(self._ready, 60, f"pacs-ai on port {self.port}")
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(f"node did not start:\n{self.log.read_text()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"node exited with {self.process.returncode}:\n{self.log.read_text()}"
+            )
+        return echoscu_ok(self.ae_title, self.port)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        self.log_file.close()
+        return code
+
+    def studies(self) -> list[dict[str, Any]]:
+        return list(self.cli_json("studies", "list"))
+
+
+@dataclass
+class OrthancProcess:
+    """A real PACS: Orthanc from Debian, on loopback, with a throw-away config and storage."""
+
+    workdir: Path
+    modalities: dict[str, list[Any]] = field(default_factory=dict)
+    ae_title: str = "ORTHANC"
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    dicomweb: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> OrthancProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pacs-ai-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            # Loopback only: no remote HTTP, and only 127.0.0.1 modalities may talk DICOM.
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckModalityHost": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": self.modalities,
+            "StorageCompression": False,
+            "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if self.dicomweb else [],
+            "HttpTimeout": 60,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        self.log = (self.workdir / "orthanc.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(ORTHANC), str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=TOOL_ENV
+        )
+        wait_for(self._ready, 60, "Orthanc HTTP")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited with {self.process.returncode}")
+        try:
+            self.get("/system")
+        except (urllib.error.URLError, ConnectionError):
+            return False
+        return True
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(
+        self, path: str, body: bytes | dict[str, Any] | list[Any] | str, timeout: float = 300
+    ) -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def upload(self, files: list[Path]) -> list[str]:
+        """POST each file to /instances; return Orthanc's instance ids."""
+        return [self.post("/instances", f.read_bytes())["ID"] for f in files]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        self.log.close()

@@ -1,0 +1,1 @@
+"""Celery entry points. The AI path (inference and delivery tasks) hangs off study completion."""
