@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -33,6 +34,8 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
 MAX_PDU_BYTES = 1 << 20
+# A PDU's length excludes its 6-byte header; a little slack for senders that round up.
+PDU_HEADER_SLACK = 1024
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -81,7 +84,13 @@ def _on_conn_open(event: Any) -> None:
 
 
 def recv_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` (blocking); fewer only if the peer closed the connection."""
+    """Read ``nr_bytes`` (blocking); fewer only if the peer closed the connection.
+
+    The length comes from the peer's PDU header, so it is bounded before anything is
+    allocated: no PDU we accept may exceed the maximum we advertised.
+    """
+    if nr_bytes > MAX_PDU_BYTES + PDU_HEADER_SLACK:
+        raise ConnectionError(f"peer announced a {nr_bytes}-byte PDU; the limit is {MAX_PDU_BYTES}")
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)
     got = 0
@@ -113,12 +122,44 @@ def _on_requested(event: Any, gate: _Gate) -> None:
     elif not gate.ingest.spool.has_room():
         reason, rsd = "free disk is below the reserve", REJECT_CONGESTION
     if rsd is None:
+        _prefer_requestor_order(assoc)
         logger.info("association from %s@%s accepted", calling, address)
         return
     logger.warning("association from %s@%s rejected: %s", calling, address, reason)
     assoc.acse.send_reject(*rsd)
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()
+
+
+def _prefer_requestor_order(assoc: Any) -> None:
+    """Accept, in each context, the first transfer syntax the *sender* proposed that we take.
+
+    pynetdicom picks by the acceptor's order, so a modality offering [JPEG, Explicit LE] for a
+    JPEG file would be told Explicit LE and have to decompress (dcmtk's storescu then fails).
+    The sender lists its preference first, usually the syntax its data is in: taking that
+    keeps the bytes as they are, and never asks a sender to compress what it holds natively.
+    """
+    supported = {cx.abstract_syntax: cx for cx in assoc.acceptor.supported_contexts}
+    order: dict[str, list[str]] = {}
+    for requested in assoc.requestor.requested_contexts:
+        ours = supported.get(requested.abstract_syntax)
+        if ours is None:
+            continue
+        chosen = order.setdefault(requested.abstract_syntax, [])
+        chosen += [
+            ts
+            for ts in requested.transfer_syntax
+            if ts in ours.transfer_syntax and ts not in chosen
+        ]
+    contexts = []
+    for abstract_syntax, syntaxes in order.items():
+        ours = supported[abstract_syntax]
+        cx = PresentationContext()
+        cx.abstract_syntax = abstract_syntax
+        cx.transfer_syntax = syntaxes
+        cx.scu_role, cx.scp_role = ours.scu_role, ours.scp_role
+        contexts.append(cx)
+    assoc.acceptor.supported_contexts = contexts
 
 
 def _is_known_sender(settings: Settings, calling_ae: str, address: str) -> bool:
@@ -228,16 +269,21 @@ class Receiver:
         server, self.server = self.server, None
         server.shutdown()
         deadline = time.monotonic() + drain_timeout_s
-        while server.active_associations and time.monotonic() < deadline:
+        # Only established associations can still deliver instances; a half-open or garbage
+        # connection is waiting out a protocol timer and is not worth waiting for.
+        while time.monotonic() < deadline and any(
+            a.is_established for a in server.active_associations
+        ):
             time.sleep(0.05)
         left = server.active_associations
+        established = [a for a in left if a.is_established]
         for assoc in left:
-            assoc.abort()
-        if left:
-            logger.warning(
-                "aborted %d association(s) still open after the drain timeout", len(left)
-            )
-        for thread in threading.enumerate():
-            if thread in left:
-                thread.join(timeout=2)
+            if assoc.is_established:
+                assoc.abort()
+            else:
+                assoc.kill()
+        if established:
+            logger.warning("aborted %d association(s) still open after the drain", len(established))
+        for assoc in established:
+            assoc.join(timeout=2)
         logger.info("DICOM listener stopped")

@@ -1,0 +1,209 @@
+"""The node receiving from dcmtk's storescu: real files, real transfer syntaxes, real studies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+
+from pacs_ai.phantoms.chest_ct import ChestTruth
+from tests.dicom_peer import store_all
+from tests.peers import NodeProcess, dcmtk, echoscu_ok, wait_for
+from tests.realdata import TRANSFER_SYNTAX_SAMPLES, dataset_bytes, real_file
+
+pytestmark = pytest.mark.slow
+
+
+# dcmtk storescu proposes a compressed syntax only when told which.
+STORESCU_PROPOSAL = {
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def stored_path(node: NodeProcess, path: Path) -> Path:
+    ds = dcmread(path, stop_before_pixels=True)
+    assert node.data_dir is not None
+    return (
+        node.data_dir
+        / "studies"
+        / ds.StudyInstanceUID
+        / ds.SeriesInstanceUID
+        / f"{ds.SOPInstanceUID}.dcm"
+    )
+
+
+def wait_complete(
+    node: NodeProcess, count: int = 1, timeout: float = 30
+) -> list[dict[str, object]]:
+    found: list[dict[str, object]] = []
+
+    def done() -> bool:
+        nonlocal found
+        found = node.studies()
+        return len(found) == count and all(s["state"] == "COMPLETE" for s in found)
+
+    wait_for(done, timeout, f"{count} COMPLETE studies", interval=0.3)
+    return found
+
+
+def test_echo_from_dcmtk(node: NodeProcess) -> None:
+    result = dcmtk(
+        "echoscu", "-v", "-aet", "MODALITY", "-aec", "PACSAI", "127.0.0.1", str(node.port)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Received Echo Response (Success)" in result.stdout + result.stderr
+
+
+def test_wrong_called_ae_is_rejected_not_aborted(node: NodeProcess) -> None:
+    result = dcmtk("echoscu", "-aec", "SOMEONE_ELSE", "127.0.0.1", str(node.port))
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    assert echoscu_ok("PACSAI", node.port)
+
+
+def _unique_copies(tmp_path: Path) -> list[Path]:
+    # Several samples are one data set in different encodings (same SOP Instance UID); give
+    # each copy its own UID so each is stored rather than counted as a duplicate.
+    sources = []
+    for name, syntax in TRANSFER_SYNTAX_SAMPLES.items():
+        ds = dcmread(real_file(name))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copy = tmp_path / "send" / name
+        copy.parent.mkdir(exist_ok=True)
+        ds.save_as(copy, enforce_file_format=True)
+        assert dcmread(copy, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+        sources.append(copy)
+    return sources
+
+
+def _elements(ds: Dataset) -> dict[int, object]:
+    # Group lengths and trailing padding are optional, and dcmtk drops both when it sends.
+    return {int(e.tag): e.value for e in ds if e.tag.element != 0x0000 and e.tag != 0xFFFCFFFC}
+
+
+def test_every_common_transfer_syntax_from_dcmtk(node: NodeProcess, tmp_path: Path) -> None:
+    sources = _unique_copies(tmp_path)
+    for source in sources:
+        # +C puts the compressed syntax and the native ones in one context, so the node must
+        # pick the sender's first choice (the file's own syntax) for the file to go unchanged.
+        flag = STORESCU_PROPOSAL[TRANSFER_SYNTAX_SAMPLES[source.name]]
+        result = dcmtk(
+            "storescu", "-R", "+C", flag, "-aec", "PACSAI", "127.0.0.1", str(node.port), str(source)
+        )
+        assert result.returncode == 0, source.name + result.stdout + result.stderr
+    for source in sources:
+        stored = stored_path(node, source)
+        assert stored.exists(), f"{source.name} was not stored"
+        kept, sent = dcmread(stored), dcmread(source)
+        # dcmtk re-encodes what it sends (group lengths, padding), so compare element by
+        # element; the compressed pixel data must arrive untouched, in the file's syntax.
+        assert kept.file_meta.TransferSyntaxUID == TRANSFER_SYNTAX_SAMPLES[source.name]
+        assert kept.PixelData == sent.PixelData, source.name
+        assert _elements(kept) == _elements(sent), source.name
+        assert kept.file_meta.SourceApplicationEntityTitle == "STORESCU"
+    instances = sum(int(s["instance_count"]) for s in node.studies())
+    assert instances == len(sources)
+
+
+def test_data_sets_are_kept_byte_for_byte(node: NodeProcess, tmp_path: Path) -> None:
+    # pynetdicom in chunked mode sends a file's data set bytes exactly as they are on disk.
+    sources = _unique_copies(tmp_path)
+    results = store_all(node.port, sources, calling_ae="RAWSENDER")
+    assert [status for _, status, _ in results] == [0] * len(sources)
+    for source in sources:
+        kept = stored_path(node, source).read_bytes()
+        assert dataset_bytes(kept) == dataset_bytes(source.read_bytes()), source.name
+        meta = dcmread(stored_path(node, source), stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == TRANSFER_SYNTAX_SAMPLES[source.name]
+
+
+def test_resent_instances_are_stored_once_and_counted(node: NodeProcess) -> None:
+    files = [str(real_file("CT_small.dcm")), str(real_file("MR_small.dcm"))]
+    for _ in range(3):
+        assert (
+            dcmtk("storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), *files).returncode == 0
+        )
+    status = node.cli_json("status")
+    assert status["counts"]["instances"] == 2
+    assert status["counts"]["duplicates"] == 4
+
+
+def test_multi_series_ct_study_is_assembled(node: NodeProcess, chest_ct: ChestTruth) -> None:
+    folder = chest_ct.files[0].parent.parent
+    result = dcmtk(
+        "storescu",
+        "+sd",
+        "+r",
+        "-aec",
+        "PACSAI",
+        "127.0.0.1",
+        str(node.port),
+        str(folder),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (study,) = wait_complete(node)
+    assert study["study_instance_uid"] == chest_ct.study_instance_uid
+    assert (study["series_count"], study["instance_count"]) == (3, 451)
+    assert study["calling_ae"] == "STORESCU" and study["modalities"] == "CT"
+    assert study["accession_number"] == "ACC0001"
+    (shown,) = node.cli_json("studies", "show", chest_ct.study_instance_uid)
+    series = {s["series_description"]: s["instance_count"] for s in shown["series"]}
+    assert series == {"SCOUT": 1, "AXIAL 1.25 SOFT TISSUE": 300, "AXIAL 2.5 LUNG": 150}
+
+
+def test_late_instance_reopens_a_complete_study(node: NodeProcess, chest_ct: ChestTruth) -> None:
+    first, late = chest_ct.files[1:40], chest_ct.files[40]
+    assert (
+        dcmtk(
+            "storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), *map(str, first)
+        ).returncode
+        == 0
+    )
+    wait_complete(node)
+    assert (
+        dcmtk("storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), str(late)).returncode == 0
+    )
+    (study,) = node.studies()
+    assert study["reopened"] == 1
+    (study,) = wait_complete(node)
+    assert study["instance_count"] == 40 and study["completions"] == 2
+
+
+def test_several_receiver_processes_share_one_port(
+    node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth
+) -> None:
+    node = node_factory(tmp_path / "multi", receivers=2).start()
+    assert node.process is not None
+    children = (
+        Path(f"/proc/{node.process.pid}/task/{node.process.pid}/children").read_text().split()
+    )
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+    # multiprocessing also starts its resource tracker; the receivers are the spawned workers.
+    assert sum(b"spawn_main" in c for c in cmdlines) == 2, "expected two receiver processes"
+    files = [str(f) for f in chest_ct.files if f.parent.name == "002"]
+    senders = [
+        __import__("subprocess").Popen(
+            ["/usr/bin/storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), *files[k::4]],
+            env={**__import__("os").environ, "TCP_NODELAY": "1"},
+        )
+        for k in range(4)
+    ]
+    assert [p.wait(300) for p in senders] == [0, 0, 0, 0]
+    (study,) = wait_complete(node)
+    assert study["instance_count"] == 300 and study["series_count"] == 1
+    # Every file landed once, whichever process took its association.
+    assert len(list((node.data_dir / "studies").rglob("*.dcm"))) == 300  # type: ignore[operator]
+    assert time.time() - float(study["last_received_at"]) >= 1.0  # type: ignore[arg-type]
