@@ -279,20 +279,13 @@ def studies_list(
         _dump([r.as_json() for r in rows])
         return
     table = Table(title=f"{len(rows)} studies")
-    for name in (
-        "study instance uid",
-        "from",
-        "state",
-        "patient id",
-        "accession",
-        "date",
-        "description",
-        "mod",
-        "series",
-        "inst",
-        "last received",
-    ):
-        table.add_column(name)
+    # UIDs are what an admin copies into the next command: never shorten them.
+    table.add_column("study instance uid", no_wrap=True, min_width=20)
+    for name in ("from", "state", "patient id", "accession", "date"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("description", overflow="ellipsis", max_width=24)
+    for name in ("mod", "series", "inst", "last received"):
+        table.add_column(name, no_wrap=True)
     for r in rows:
         table.add_row(
             r.study_instance_uid,
@@ -346,14 +339,8 @@ def studies_show(
             f"completed {_when(s.completed_at)} ({s.completions}x, reopened {s.reopened}x)"
         )
         table = Table()
-        for name in (
-            "series instance uid",
-            "#",
-            "modality",
-            "description",
-            "body part",
-            "instances",
-        ):
+        table.add_column("series instance uid", no_wrap=True, min_width=20)
+        for name in ("#", "modality", "description", "body part", "instances"):
             table.add_column(name)
         for x in index.list_series(engine, s.id):
             table.add_row(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing
+import multiprocessing.queues
 import multiprocessing.synchronize
 import signal
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from types import FrameType
@@ -77,14 +79,76 @@ def _check_port_free(settings: Settings) -> None:
         probe.close()
 
 
-def _receiver_process(settings: Settings, stop: multiprocessing.synchronize.Event) -> None:
+def _receiver_process(
+    settings: Settings,
+    stop: multiprocessing.synchronize.Event,
+    started: multiprocessing.queues.SimpleQueue[str],
+) -> None:
     configure_process(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    receiver = Receiver(settings, make_ingest(settings, run_migrations=False), reuse_port=True)
-    receiver.start()
+    try:
+        receiver = Receiver(settings, make_ingest(settings, run_migrations=False), reuse_port=True)
+        receiver.start()
+    except Exception as exc:
+        started.put(f"{type(exc).__name__}: {exc}")
+        raise
+    started.put("")
     stop.wait()
     receiver.stop(settings.node.drain_timeout_s)
+
+
+class ReceiverPool:
+    """Receiver processes sharing the DICOM port (SO_REUSEPORT); one that dies is replaced."""
+
+    START_TIMEOUT_S = 60.0
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("spawn")
+        self.stop_event = self.ctx.Event()
+        self.started: multiprocessing.queues.SimpleQueue[str] = self.ctx.SimpleQueue()
+        self.processes = [self._spawn(i) for i in range(count)]
+        self._wait_started(count)
+
+    def _spawn(self, i: int) -> multiprocessing.process.BaseProcess:
+        process = self.ctx.Process(
+            target=_receiver_process,
+            args=(self.settings, self.stop_event, self.started),
+            name=f"receiver-{i}",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def _wait_started(self, count: int) -> None:
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        for _ in range(count):
+            while self.started.empty():
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise NetworkError("receiver processes did not start in time")
+                time.sleep(0.02)
+            error = self.started.get()
+            if error:
+                self.stop()
+                raise NetworkError(f"a receiver process failed to start: {error}")
+
+    def replace_dead(self) -> None:
+        for i, process in enumerate(self.processes):
+            if not process.is_alive():
+                logger.error(
+                    "receiver %s died (exit %s); restarting", process.name, process.exitcode
+                )
+                self.processes[i] = self._spawn(i)
+                self._wait_started(1)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for process in self.processes:
+            process.join(self.settings.node.drain_timeout_s + 5)
+            if process.is_alive():
+                process.kill()
 
 
 class Node:
@@ -114,15 +178,12 @@ class Node:
 
         count = settings.node.receiver_count
         local: Receiver | None = None
-        ctx = multiprocessing.get_context("spawn")
-        child_stop = ctx.Event()
-        children: list[multiprocessing.process.BaseProcess] = []
+        pool: ReceiverPool | None = None
         if count == 1:
             local = Receiver(settings, ingest)
             local.start()
         else:
-            for i in range(count):
-                children.append(self._spawn(ctx, child_stop, i))
+            pool = ReceiverPool(settings, count)
             logger.info(
                 "%d receiver processes share DICOM port %d", count, settings.node.dicom_port
             )
@@ -136,36 +197,17 @@ class Node:
         )
         try:
             while not self.stop_event.wait(0.5):
-                for i, child in enumerate(children):
-                    if not child.is_alive():
-                        logger.error(
-                            "receiver %s died (exit %s); restarting", child.name, child.exitcode
-                        )
-                        children[i] = self._spawn(ctx, child_stop, i)
+                if pool is not None:
+                    pool.replace_dead()
         finally:
             logger.info(
                 "stopping: draining associations (up to %.0f s)", settings.node.drain_timeout_s
             )
             if local is not None:
                 local.stop(settings.node.drain_timeout_s)
-            child_stop.set()
-            for child in children:
-                child.join(settings.node.drain_timeout_s + 5)
-                if child.is_alive():
-                    child.kill()
+            if pool is not None:
+                pool.stop()
             assembly_stop.set()
             assembly.join()
             ingest.engine.dispose()
             logger.info("pacs-ai stopped")
-
-    def _spawn(
-        self,
-        ctx: multiprocessing.context.SpawnContext,
-        stop: multiprocessing.synchronize.Event,
-        i: int,
-    ) -> multiprocessing.process.BaseProcess:
-        process = ctx.Process(
-            target=_receiver_process, args=(self.settings, stop), name=f"receiver-{i}", daemon=True
-        )
-        process.start()
-        return process

@@ -52,8 +52,9 @@ def dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedPr
     )
 
 
-def echoscu_ok(ae: str, port: int) -> bool:
-    return dcmtk("echoscu", "-aec", ae, "127.0.0.1", str(port), timeout=10).returncode == 0
+def echoscu_ok(ae: str, port: int, calling_ae: str = "ECHOSCU") -> bool:
+    result = dcmtk("echoscu", "-aet", calling_ae, "-aec", ae, "127.0.0.1", str(port), timeout=10)
+    return result.returncode == 0
 
 
 @dataclass
@@ -68,6 +69,8 @@ class NodeProcess:
     reserve_mb: float = 16
     peers: list[dict[str, Any]] = field(default_factory=list)
     extra_node: dict[str, Any] = field(default_factory=dict)
+    # Calling AE of the readiness C-ECHO; with an allow-list it must be a configured peer's.
+    probe_ae: str = "ECHOSCU"
     data_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
@@ -131,7 +134,7 @@ class NodeProcess:
             raise AssertionError(
                 f"node exited with {self.process.returncode}:\n{self.log.read_text()}"
             )
-        return echoscu_ok(self.ae_title, self.port)
+        return echoscu_ok(self.ae_title, self.port, self.probe_ae)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from pacs_ai.dicom.part10 import part10_bytes
 from tests.dicom_peer import association, store, store_all
 from tests.peers import NodeProcess, echoscu_ok
-from pacs_ai.dicom.part10 import part10_bytes
 from tests.realdata import dataset_bytes, real_file
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 # Sent files go out byte for byte from disk, never decoded and re-encoded.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-NO_RESPONSE = -1  # the peer answered nothing: association lost or DIMSE timeout
+NO_RESPONSE = -1
+MEDIA_STORAGE_DIRECTORY = (
+    "1.2.840.10008.1.3.10"  # the peer answered nothing: association lost or DIMSE timeout
+)
 
 
 def _associate(ae: AE, peer: PeerSettings, contexts: Any = None) -> Any:
@@ -94,7 +97,8 @@ class SendReport:
 
     @property
     def ok(self) -> bool:
-        return self.succeeded == self.sent and not self.skipped
+        """Every DICOM file was stored (files that are not DICOM objects are only reported)."""
+        return self.succeeded == self.sent
 
     def record(self, path: Path, status: int, comment: str = "") -> None:
         with self.lock:
@@ -141,11 +145,15 @@ def scan(paths: Iterable[Path], report: SendReport) -> list[SendableFile]:
     for path in iter_files(paths):
         try:
             meta = read_file_meta_info(path)
-            found.append(
-                SendableFile(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-            )
+            sop_class = str(meta.MediaStorageSOPClassUID)
+            syntax = str(meta.TransferSyntaxUID)
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             report.skipped.append((path, f"not a DICOM Part 10 file: {exc}"))
+            continue
+        if sop_class == MEDIA_STORAGE_DIRECTORY:
+            report.skipped.append((path, "a DICOMDIR indexes media; it is not sent"))
+            continue
+        found.append(SendableFile(path, sop_class, syntax))
     return found
 
 

@@ -1,0 +1,84 @@
+"""Stopping the node while a modality is sending loses nothing it acknowledged."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from pacs_ai.phantoms.chest_ct import ChestTruth
+from tests.dicom_peer import association
+from tests.peers import NodeProcess, wait_for
+from tests.realdata import dataset_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def send_until_refused(
+    port: int, files: list[Path], acked: list[Path], lock: threading.Lock
+) -> None:
+    try:
+        with association(port, files, calling_ae="MODALITY") as assoc:
+            for path in files:
+                rsp = assoc.send_c_store(path)
+                if rsp.get("Status") != 0x0000:
+                    return  # no answer: the association was aborted by the stopping node
+                with lock:
+                    acked.append(path)
+    except AssertionError:
+        return  # association refused: the node had already stopped listening
+
+
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_sigterm_during_ingest_keeps_every_acknowledged_instance(
+    node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth, receivers: int
+) -> None:
+    node = node_factory(
+        tmp_path / "node", receivers=receivers, extra_node={"drain_timeout_s": 0.5}
+    ).start()
+    files = [f for f in chest_ct.files if f.parent.name == "002"]
+    acked: list[Path] = []
+    lock = threading.Lock()
+    senders = [
+        threading.Thread(target=send_until_refused, args=(node.port, files[k::2], acked, lock))
+        for k in range(2)
+    ]
+    for t in senders:
+        t.start()
+    wait_for(lambda: len(acked) >= 40, 60, "40 acknowledged instances")
+    node.signal(signal.SIGTERM)
+    assert node.process is not None
+    assert node.process.wait(30) == 0
+    for t in senders:
+        t.join(60)
+    node.stop()
+    assert 40 <= len(acked) < len(files), "the stop should have interrupted the senders"
+
+    # Every acknowledged instance is on disk, whole, and indexed; no half-written file anywhere.
+    assert node.data_dir is not None
+    for path in acked:
+        ds = dcmread(path, stop_before_pixels=True)
+        kept = (
+            node.data_dir
+            / "studies"
+            / ds.StudyInstanceUID
+            / ds.SeriesInstanceUID
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
+        assert dataset_bytes(kept.read_bytes()) == dataset_bytes(path.read_bytes())
+    assert list((node.data_dir / "tmp").iterdir()) == []
+    node.start()
+    indexed = node.cli_json("status")["counts"]["instances"]
+    assert indexed >= len(acked)
+
+    # The modality retries what was not acknowledged; the study then completes whole.
+    rest = [f for f in files if f not in set(acked)]
+    again: list[Path] = []
+    send_until_refused(node.port, rest, again, lock)
+    assert len(again) == len(rest)
+    wait_for(lambda: node.studies()[0]["state"] == "COMPLETE", 30, "completion")
+    (study,) = node.studies()
+    assert study["instance_count"] == 300
