@@ -7,6 +7,7 @@ import pydicom.config
 import pytest
 
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
+from tests.databases import postgres_database
 from tests.peers import DCMTK, ORTHANC, NodeProcess, OrthancProcess
 
 REQUIRED_TOOLS = [DCMTK / "storescu", DCMTK / "echoscu", ORTHANC, DCMTK / "dciodvfy"]
@@ -63,3 +64,10 @@ def orthanc_factory(tmp_path: Path) -> Iterator[type[OrthancProcess]]:
     yield _Orthanc
     for orthanc in started:
         orthanc.stop()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    with postgres_database() as url:
+        yield url

@@ -71,6 +71,7 @@ class NodeProcess:
     extra_node: dict[str, Any] = field(default_factory=dict)
     # Calling AE of the readiness C-ECHO; with an allow-list it must be a configured peer's.
     probe_ae: str = "ECHOSCU"
+    database_url: str = ""
     data_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
@@ -95,6 +96,7 @@ class NodeProcess:
         }
         lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
         lines += ["[storage]", f"reserve_mb = {self.reserve_mb}"]
+        lines += ["[database]", f"url = {json.dumps(self.database_url)}"]
         for peer in self.peers:
             lines.append("[[peers]]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in peer.items()]

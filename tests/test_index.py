@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,35 +9,14 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 
 from pacs_ai.dicom.header import read_header
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, metadata
+from tests.databases import postgres_database
 from tests.realdata import real_file
-
-PG_ADMIN_URL = os.environ.get(
-    "PACS_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-def _postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"pacs_ai_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        admin.dispose()
-        if os.environ.get("CI"):
-            raise AssertionError(f"PostgreSQL is required in CI and unreachable: {exc}") from exc
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL} ({type(exc).__name__}); set PACS_AI_TEST_PG")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -49,12 +26,10 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         yield eng
         eng.dispose()
         return
-    urls = _postgres_url()
-    url = next(urls)
-    eng = open_database(url)
-    yield eng
-    eng.dispose()
-    next(urls, None)
+    with postgres_database() as url:
+        eng = open_database(url)
+        yield eng
+        eng.dispose()
 
 
 def test_migrations_build_exactly_the_schema(engine: Engine) -> None:

@@ -207,3 +207,27 @@ def test_several_receiver_processes_share_one_port(
     # Every file landed once, whichever process took its association.
     assert len(list((node.data_dir / "studies").rglob("*.dcm"))) == 300  # type: ignore[operator]
     assert time.time() - float(study["last_received_at"]) >= 1.0  # type: ignore[arg-type]
+
+
+@pytest.mark.postgres
+def test_node_on_postgresql(
+    node_factory: type[NodeProcess], tmp_path: Path, postgres_url: str, chest_ct: ChestTruth
+) -> None:
+    node = node_factory(tmp_path / "pg", receivers=2, database_url=postgres_url).start()
+    folder = chest_ct.files[0].parent.parent
+    result = dcmtk(
+        "storescu",
+        "+sd",
+        "+r",
+        "-aec",
+        "PACSAI",
+        "127.0.0.1",
+        str(node.port),
+        str(folder),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (study,) = wait_complete(node)
+    assert (study["series_count"], study["instance_count"]) == (3, 451)
+    assert node.data_dir is not None
+    assert not (node.data_dir / "index.sqlite3").exists()  # the index really is in PostgreSQL
