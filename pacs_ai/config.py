@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacs_ai.errors import ConfigError
+from pacs_ai.pipeline.route import DEFAULT_RULES, RuleSettings
 
 CONFIG_ENV = "PACS_AI_CONFIG"
 DEFAULT_CONFIG_FILE = "pacs-ai.toml"
@@ -112,6 +113,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     peers: tuple[PeerSettings, ...] = ()
+    # With no [[rules]] in the file the node runs DEFAULT_RULES (CT -> ct-organs-threshold).
+    rules: tuple[RuleSettings, ...] = DEFAULT_RULES
 
     @model_validator(mode="after")
     def _unique_peer_names(self) -> Settings:
@@ -120,6 +123,21 @@ class Settings(BaseSettings):
             if peer.name in seen:
                 raise ValueError(f"peer name {peer.name!r} is used twice; names must be unique")
             seen.add(peer.name)
+        return self
+
+    @model_validator(mode="after")
+    def _rules_name_real_peers(self) -> Settings:
+        names = [rule.name for rule in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        receivers = {p.name for p in self.peers if p.receive}
+        for rule in self.rules:
+            for peer in (*rule.forward, *rule.results_to):
+                if peer not in receivers:
+                    raise ValueError(
+                        f"rule {rule.name!r} sends to {peer!r}, which is not a [[peers]] "
+                        "entry with receive = true"
+                    )
         return self
 
     @classmethod

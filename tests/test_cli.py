@@ -100,3 +100,21 @@ def test_status(node: NodeProcess) -> None:
     node.stop()
     stopped = node.cli("status")
     assert stopped.returncode == 1 and "not answering" in stopped.stdout
+
+
+def test_rules_explain_says_why(node: NodeProcess, chest_ct: ChestTruth) -> None:
+    files = [chest_ct.files[0], *chest_ct.files[1:26]]  # the scout and 25 axial slices
+    sent = node.cli("send", *map(str, files), "--to", f"PACSAI@127.0.0.1:{node.port}")
+    assert sent.returncode == 0, sent.stderr
+    report = node.cli_json("rules", "explain", chest_ct.study_instance_uid)
+    by_series = {item["series_description"]: item for item in report}
+    assert by_series["AXIAL 1.25 SOFT TISSUE"]["matched"] is True
+    scout = by_series["SCOUT"]
+    assert scout["matched"] is False and scout["rule"] == "ct-organs"
+    failed = [c["keyword"] for c in scout["conditions"] if not c["passed"]]
+    assert failed == ["NumberOfSeriesRelatedInstances", "ImageType"]
+    text = node.cli("rules", "explain", chest_ct.study_instance_uid)
+    assert (
+        "MATCH rule ct-organs" in text.stdout
+        and "FAIL NumberOfSeriesRelatedInstances" in text.stdout
+    )
