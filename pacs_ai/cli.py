@@ -32,8 +32,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 studies_app = typer.Typer(help="Studies the node holds.", no_args_is_help=True)
+rules_app = typer.Typer(
+    help="Routing rules: check them, or see why they fired.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 app.add_typer(studies_app, name="studies")
+app.add_typer(rules_app, name="rules")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -352,6 +356,108 @@ def studies_show(
                 str(x.instance_count),
             )
         out.print(table)
+
+
+# --- rules ---------------------------------------------------------------------------------
+
+
+@rules_app.command("check")
+def rules_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Validate the routing rules: syntax, peers, and that every model is installed."""
+    from pacs_ai.models.registry import available
+
+    settings = _settings(config)
+    models = available()
+    problems = [
+        f"rule {rule.name!r}: model {model!r} is not installed (installed: {', '.join(models)})"
+        for rule in settings.rules
+        for model in rule.models
+        if model not in models
+    ]
+    if json_out:
+        _dump(
+            {
+                "valid": not problems,
+                "problems": problems,
+                "rules": [
+                    r.model_dump(mode="json", by_alias=True, exclude_none=True)
+                    for r in settings.rules
+                ],
+            }
+        )
+    else:
+        for rule in settings.rules:
+            state = "" if rule.enabled else " (disabled)"
+            when = ", ".join(f"{k} {_condition_text(c)}" for k, c in rule.match.items()) or "always"
+            does = [f"run {', '.join(rule.models)}"] if rule.models else []
+            if rule.forward:
+                does.append(f"forward {rule.forward_level} to {', '.join(rule.forward)}")
+            out.print(
+                f"rule [bold]{rule.name}[/bold]{state}: when {when} -> {'; '.join(does)} "
+                f"[{rule.priority.value}], results to "
+                f"{', '.join(rule.results_to) or 'the sender'}"
+            )
+        for problem in problems:
+            err.print(f"[red]error:[/red] {problem}")
+        if not problems:
+            out.print(f"[green]{len(settings.rules)} rule(s) valid[/green]")
+    if problems:
+        raise typer.Exit(2)
+
+
+def _condition_text(condition: Any) -> str:
+    parts = condition.model_dump(exclude_none=True, by_alias=True)
+    return " ".join(f"{op}={value}" for op, value in parts.items())
+
+
+@rules_app.command("explain")
+def rules_explain(
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """For each rule and series of a study: matched or not, and which condition decided."""
+    from pacs_ai.pipeline.facts import series_facts
+    from pacs_ai.pipeline.route import explain
+    from pacs_ai.storage import index
+
+    settings = _settings(config)
+    engine = _engine(settings)
+    receptions = index.find_studies(engine, study_uid)
+    if not receptions:
+        _fail(f"no study {study_uid} on this node (see `pacs-ai studies list`)")
+    report = []
+    for reception in receptions:
+        facts = series_facts(engine, reception.id)
+        for decision in explain(settings.rules, facts):
+            report.append(
+                {
+                    "calling_ae": reception.calling_ae,
+                    "series_instance_uid": decision.series_instance_uid,
+                    "series_description": next(
+                        f.values["SeriesDescription"]
+                        for f in facts
+                        if f.series_instance_uid == decision.series_instance_uid
+                    ),
+                    "rule": decision.rule,
+                    "matched": decision.matched,
+                    "conditions": [c.__dict__ for c in decision.conditions],
+                }
+            )
+    if json_out:
+        _dump(report)
+        return
+    for item in report:
+        mark = "[green]MATCH[/green]" if item["matched"] else "[dim]no[/dim]"
+        out.print(
+            f"{mark} rule {item['rule']} on series {item['series_instance_uid']} "
+            f"({item['series_description'] or 'no description'}) from {item['calling_ae']}"
+        )
+        for c in item["conditions"]:
+            sign = "ok " if c["passed"] else "[red]FAIL[/red]"
+            out.print(f"    {sign} {c['keyword']}: {c['reason']}")
+    if not any(item["matched"] for item in report):
+        out.print("no rule matches this study: it is kept, and nothing runs on it")
 
 
 # --- status --------------------------------------------------------------------------------
