@@ -104,9 +104,61 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     try:
-        Node(settings).run()
+        Node(settings, config_path=config_path(config)).run()
     except PacsAiError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[str | None, typer.Option(help="Comma-separated: infer, send.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Processes (one per GPU).")] = None,
+) -> None:
+    """Run a Celery worker against the configured broker: inference and/or delivery."""
+    import os
+    import socket
+
+    # The worker's processes read their settings themselves (spawned, not forked), so the
+    # command-line choices travel as the environment overrides they are.
+    path = config_path(config)
+    if path is not None:
+        os.environ["PACS_AI_CONFIG"] = str(path.resolve())
+    if queues:
+        os.environ["PACS_AI_WORKER__QUEUES"] = json.dumps([q.strip() for q in queues.split(",")])
+    if device:
+        os.environ["PACS_AI_WORKER__DEVICE"] = device
+    if concurrency:
+        os.environ["PACS_AI_WORKER__CONCURRENCY"] = str(concurrency)
+    settings = _settings(None)
+    unknown = set(settings.worker.queues) - {"infer", "send"}
+    if unknown:
+        _fail(f"unknown queue(s) {sorted(unknown)}; use infer and/or send", 2)
+    if not settings.broker.url:
+        _fail("no broker: set [broker] url (or PACS_AI_BROKER__URL) to the node's Redis", 2)
+    from pacs_ai.node import configure_process
+
+    configure_process(settings)
+    from workers.celery_app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(settings.worker.queues),
+            "--concurrency",
+            str(settings.worker.concurrency),
+            "--pool",
+            "prefork",
+            "--hostname",
+            f"pacs-ai-{os.getpid()}@{socket.gethostname()}",
+            "--loglevel",
+            settings.node.log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 # --- config --------------------------------------------------------------------------------
@@ -458,6 +510,164 @@ def rules_explain(
             out.print(f"    {sign} {c['keyword']}: {c['reason']}")
     if not any(item["matched"] for item in report):
         out.print("no rule matches this study: it is kept, and nothing runs on it")
+
+
+# --- jobs and deliveries -------------------------------------------------------------------
+
+jobs_app = typer.Typer(help="AI jobs: one model on one series.", no_args_is_help=True)
+deliveries_app = typer.Typer(
+    help="Results and forwards on their way to peers.", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(deliveries_app, name="deliveries")
+
+
+def _job_json(row: Any) -> dict[str, Any]:
+    data = dict(row._mapping)
+    data["timings"] = json.loads(data["timings"] or "{}")
+    data["findings"] = json.loads(data["findings"]) if data["findings"] else None
+    return data
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOption = None,
+    state: Annotated[
+        str | None, typer.Option(help="QUEUED, RUNNING, ENCODED, DELIVERED, ...")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 200,
+    json_out: JsonOption = False,
+) -> None:
+    """Jobs, newest first."""
+    from pacs_ai.pipeline import jobs
+    from pacs_ai.storage.schema import JOB_STATES
+
+    if state is not None and state.upper() not in JOB_STATES:
+        _fail(f"--state must be one of {', '.join(JOB_STATES)}", 2)
+    rows = jobs.job_rows(_engine(_settings(config)), state.upper() if state else None, limit)
+    if json_out:
+        _dump([_job_json(r) for r in rows])
+        return
+    table = Table(title=f"{len(rows)} jobs")
+    table.add_column("id", justify="right")
+    for name in ("state", "model", "rule", "priority", "attempts"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("series instance uid", no_wrap=True, min_width=20)
+    table.add_column("reason", overflow="ellipsis", max_width=40)
+    table.add_column("updated", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.state,
+            r.model,
+            r.rule,
+            r.priority,
+            f"{r.attempts}/{r.max_attempts}",
+            r.series_instance_uid,
+            r.reason,
+            _when(r.updated_at),
+        )
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """One job: state, timings, findings, and its deliveries."""
+    from pacs_ai.pipeline import jobs
+
+    engine = _engine(_settings(config))
+    found = [r for r in jobs.job_rows(engine, limit=1_000_000) if r.id == job_id]
+    if not found:
+        _fail(f"no job {job_id} (see `pacs-ai jobs list`)")
+    data = _job_json(found[0])
+    data["deliveries"] = [dict(d._mapping) for d in jobs.delivery_rows(engine, job_id=job_id)]
+    if json_out:
+        _dump(data)
+        return
+    for key in (
+        "id",
+        "state",
+        "reason",
+        "model",
+        "rule",
+        "priority",
+        "attempts",
+        "worker",
+        "study_instance_uid",
+        "series_instance_uid",
+        "destinations",
+        "timings",
+        "findings",
+    ):
+        out.print(f"{key:20} {data[key]}")
+    for d in data["deliveries"]:
+        out.print(
+            f"delivery {d['id']}: {d['kind']} to {d['peer']} {d['state']} "
+            f"(attempts {d['attempts']}) {d['last_error']}"
+        )
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
+    """Put a FAILED, CANCELED or SKIPPED job back in the queue (the node enqueues it)."""
+    from pacs_ai.pipeline import jobs
+
+    if not jobs.retry(_engine(_settings(config)), job_id, time.time()):
+        _fail(f"job {job_id} is not FAILED, CANCELED or SKIPPED (or does not exist)")
+    out.print(f"job {job_id} QUEUED; the node's reconciler sends it to a worker")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, config: ConfigOption = None) -> None:
+    """Cancel a job that has not been delivered."""
+    from pacs_ai.pipeline import jobs
+
+    if not jobs.cancel(_engine(_settings(config)), job_id, time.time()):
+        _fail(f"job {job_id} is already finished (or does not exist)")
+    out.print(f"job {job_id} CANCELED")
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="PENDING, SENDING, DONE, FAILED.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 200,
+    json_out: JsonOption = False,
+) -> None:
+    """Deliveries, newest first, with the last error."""
+    from pacs_ai.pipeline import jobs
+
+    rows = jobs.delivery_rows(
+        _engine(_settings(config)), state.upper() if state else None, limit=limit
+    )
+    if json_out:
+        _dump([dict(r._mapping) for r in rows])
+        return
+    table = Table(title=f"{len(rows)} deliveries")
+    for name in ("id", "job", "kind", "peer", "state", "attempts", "last error", "updated"):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            str(r.job_id or "-"),
+            r.kind,
+            r.peer,
+            r.state,
+            f"{r.attempts}/{r.max_attempts}",
+            r.last_error,
+            _when(r.updated_at),
+        )
+    out.print(table)
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(delivery_id: int, config: ConfigOption = None) -> None:
+    """Send a FAILED delivery again, with a fresh attempt budget."""
+    from pacs_ai.pipeline import jobs
+
+    if not jobs.retry_delivery(_engine(_settings(config)), delivery_id, time.time()):
+        _fail(f"delivery {delivery_id} is not FAILED (or does not exist)")
+    out.print(f"delivery {delivery_id} PENDING; the node's reconciler sends it")
 
 
 # --- status --------------------------------------------------------------------------------

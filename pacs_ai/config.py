@@ -91,6 +91,41 @@ class DatabaseSettings(_Section):
     url: str = ""
 
 
+class BrokerSettings(_Section):
+    """``[broker]``: the Celery broker. Empty url: ``pacs-ai serve`` runs its own Redis."""
+
+    url: str = ""
+
+
+class WorkerSettings(_Section):
+    """``[worker]``: inference workers (Celery), in the node or on other machines."""
+
+    # pacs-ai serve starts one worker process of its own (the embedded default).
+    embedded: bool = True
+    queues: tuple[str, ...] = ("infer", "send")
+    concurrency: int = Field(1, ge=1, le=64)
+    # "auto": cuda:0 when a GPU is present, else cpu.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    max_attempts: int = Field(3, ge=1, le=20)
+    # A job running longer is killed (Celery hard time limit).
+    task_time_limit_s: float = Field(1800.0, gt=0)
+    # A running job renews its lease every lease_s / 3; one whose worker died is taken back
+    # by the reconciler once its lease has run out.
+    lease_s: float = Field(60.0, gt=0)
+    # How long a QUEUED job may wait after enqueueing before the reconciler sends it again.
+    requeue_after_s: float = Field(600.0, gt=0)
+    reconcile_interval_s: float = Field(10.0, gt=0)
+
+
+class DeliverySettings(_Section):
+    """``[delivery]``: sending results and forwards to peers."""
+
+    max_attempts: int = Field(6, ge=1, le=50)
+    # First retry after this long, doubling each time (5, 10, 20, 40 ... seconds).
+    backoff_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+
 class PeerSettings(_Section):
     """``[[peers]]``: a PACS or modality the node talks to."""
 
@@ -112,6 +147,9 @@ class Settings(BaseSettings):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
+    broker: BrokerSettings = BrokerSettings()
+    worker: WorkerSettings = WorkerSettings()
+    delivery: DeliverySettings = DeliverySettings()
     peers: tuple[PeerSettings, ...] = ()
     # With no [[rules]] in the file the node runs DEFAULT_RULES (CT -> ct-organs-threshold).
     rules: tuple[RuleSettings, ...] = DEFAULT_RULES
@@ -164,6 +202,10 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.node.data_dir / "quarantine"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.node.data_dir / "results"
 
     @property
     def database_url(self) -> str:

@@ -8,7 +8,9 @@
      │    ├── InvalidInstance   the object cannot be stored (missing or bad UIDs, unparseable)
      │    └── OutOfSpace        free disk is below the configured reserve
      ├── PeerAddressError       an ``AE@host:port`` string could not be parsed
-     └── NetworkError           a DICOM peer could not be reached or refused us
+     ├── NotAVolume             a series cannot become a 3D volume (the reason says why)
+     ├── NetworkError           a DICOM peer could not be reached or refused us
+     └── UnknownModel           no installed or registered model has the name asked for
 
 Every error carries a message that names what is wrong and, where we can, how to fix it.
 """
@@ -60,3 +62,25 @@ class PeerAddressError(PacsAiError):
 
 class NetworkError(PacsAiError):
     """A DICOM peer could not be reached, or it rejected or aborted the association."""
+
+
+class NotAVolume(PacsAiError):
+    """A series cannot be turned into a volume, so it is skipped.
+
+    ``reason`` is a sentence for people (the job's skip reason, a log line): what is wrong
+    with which instance, e.g. a localizer, mixed orientations or a gap between two slices.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UnknownModel(PacsAiError):
+    """No model of that name is installed or registered; ``known`` lists the names there are."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        choices = ", ".join(known) if known else "none are installed"
+        super().__init__(f"unknown model {name!r}; known models: {choices}")

@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import pydicom.config
@@ -27,6 +28,7 @@ from pacs_ai.config import Settings
 from pacs_ai.dicom.scp import Receiver
 from pacs_ai.errors import NetworkError
 from pacs_ai.pipeline.assemble import Assembler, CompletionListener
+from pacs_ai.pipeline.runtime import AIRuntime
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.ingest import Ingest
 from pacs_ai.storage.spool import Spool
@@ -45,7 +47,7 @@ def configure_process(settings: Settings) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     quiet = max(logging.WARNING, logging.getLogger().level)
-    for noisy in ("pynetdicom", "alembic"):
+    for noisy in ("pynetdicom", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(quiet)
 
 
@@ -154,9 +156,17 @@ class ReceiverPool:
 class Node:
     """The running node. ``listeners`` hear of each study completion (the AI path hangs here)."""
 
-    def __init__(self, settings: Settings, listeners: Sequence[CompletionListener] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        listeners: Sequence[CompletionListener] = (),
+        config_path: Path | None = None,
+        ai_path: bool = True,
+    ) -> None:
         self.settings = settings
         self.listeners = list(listeners)
+        self.config_path = config_path
+        self.ai_path = ai_path
         self.stop_event = threading.Event()
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -169,7 +179,11 @@ class Node:
         configure_process(settings)
         _check_port_free(settings)
         ingest = make_ingest(settings, run_migrations=True)
-        assembler = Assembler(ingest.engine, settings.node.quiet_period_s, self.listeners)
+        runtime = AIRuntime(settings, ingest.engine, self.config_path) if self.ai_path else None
+        listeners = list(self.listeners)
+        if runtime is not None:
+            listeners.append(runtime.start())
+        assembler = Assembler(ingest.engine, settings.node.quiet_period_s, listeners)
         assembly_stop = threading.Event()
         assembly = threading.Thread(target=assembler.run, args=(assembly_stop,), name="assembler")
 
@@ -199,6 +213,8 @@ class Node:
             while not self.stop_event.wait(0.5):
                 if pool is not None:
                     pool.replace_dead()
+                if runtime is not None:
+                    runtime.supervise()
         finally:
             logger.info(
                 "stopping: draining associations (up to %.0f s)", settings.node.drain_timeout_s
@@ -209,5 +225,7 @@ class Node:
                 pool.stop()
             assembly_stop.set()
             assembly.join()
+            if runtime is not None:
+                runtime.stop(settings.node.drain_timeout_s + 20)
             ingest.engine.dispose()
             logger.info("pacs-ai stopped")

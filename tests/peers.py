@@ -72,6 +72,8 @@ class NodeProcess:
     # Calling AE of the readiness C-ECHO; with an allow-list it must be a configured peer's.
     probe_ae: str = "ECHOSCU"
     database_url: str = ""
+    extra_worker: dict[str, Any] = field(default_factory=dict)
+    ai_worker: bool = False
     data_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
@@ -97,6 +99,9 @@ class NodeProcess:
         lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
         lines += ["[storage]", f"reserve_mb = {self.reserve_mb}"]
         lines += ["[database]", f"url = {json.dumps(self.database_url)}"]
+        # Tests that need no AI path keep the node lean: no embedded worker unless asked.
+        worker = {"embedded": self.ai_worker, "reconcile_interval_s": 1, **self.extra_worker}
+        lines += ["[worker]"] + [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
         for peer in self.peers:
             lines.append("[[peers]]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in peer.items()]
@@ -218,6 +223,10 @@ class OrthancProcess:
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return bytes(response.read())
 
     def post(
         self, path: str, body: bytes | dict[str, Any] | list[Any] | str, timeout: float = 300

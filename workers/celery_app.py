@@ -1,33 +1,14 @@
-"""The Celery application, configured for long GPU tasks on a Redis broker.
+"""The worker's Celery app: ``celery -A workers.celery_app worker`` or ``pacs-ai worker``.
 
-Workers start with ``celery -A workers.celery_app worker``; tasks carry job ids only, the
-database is the source of truth (see DESIGN.md). The tasks themselves arrive with the AI path.
+Configured once per process from the node's settings (``PACS_AI_CONFIG`` and ``PACS_AI_*``),
+so a worker on another machine needs only the same configuration file and broker URL.
 """
 
 from __future__ import annotations
 
-import os
+from pacs_ai.config import load_settings
+from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app
 
-from celery import Celery
+__all__ = ["INFER_TASK", "SEND_TASK", "app"]
 
-BROKER_ENV = "PACS_AI_BROKER__URL"
-
-
-def make_app(broker_url: str) -> Celery:
-    app = Celery("pacs_ai", broker=broker_url)
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_serializer="json",
-        accept_content=["json"],
-        # Longer than any task's hard time limit, so Redis never redelivers a running task.
-        broker_transport_options={"visibility_timeout": 4 * 3600},
-        task_time_limit=3600,
-        task_soft_time_limit=3300,
-        worker_pool_start_method="spawn",
-    )
-    return app
-
-
-app = make_app(os.environ.get(BROKER_ENV, "redis://127.0.0.1:6379/0"))
+app = create_app(load_settings())

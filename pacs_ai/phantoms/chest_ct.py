@@ -50,6 +50,22 @@ class ChestTruth:
         default_factory=dict
     )  # series UID -> label -> ml
     files: list[Path] = field(default_factory=list)
+    geometries: dict[str, Geometry] = field(default_factory=dict)  # series UID -> geometry
+
+    def masks(self, series_uid: str) -> dict[str, NDArray[np.bool_]]:
+        """The true body / lungs / bone masks of a series, (slice, row, column), feet to head.
+
+        The masks overlap (lungs and bone lie inside the body); ``body_rest`` is the body
+        without them, what a one-label-per-voxel segmentation calls body.
+        """
+        masks = truth_masks(self.geometries[series_uid])
+        masks["body_rest"] = masks["body"] & ~masks["lungs"] & ~masks["bone"]
+        return masks
+
+
+def truth_masks(geom: Geometry) -> dict[str, NDArray[np.bool_]]:
+    """The phantom's structures sampled at the slice centres of ``geom``."""
+    return _masks(geom, geom.z0_mm + (np.arange(geom.slices) + 0.5) * geom.slice_thickness_mm)
 
 
 def _masks(geom: Geometry, z_mm: NDArray[np.floating[Any]]) -> dict[str, NDArray[np.bool_]]:
@@ -176,6 +192,7 @@ def write_chest_ct(
     for description, number, geom in series_plan:
         series_uid = generate_uid()
         truth.series[description] = series_uid
+        truth.geometries[series_uid] = geom
         z = geom.z0_mm + (np.arange(geom.slices) + 0.5) * geom.slice_thickness_mm
         masks = _masks(geom, z)
         voxel_ml = geom.pixel_spacing_mm**2 * geom.slice_thickness_mm / 1000.0

@@ -16,6 +16,7 @@ def series_facts(engine: Engine, study_id: int) -> list[SeriesFacts]:
             studies.c.calling_ae,
             studies.c.study_description,
             studies.c.accession_number,
+            series.c.id.label("series_id"),
             series.c.series_instance_uid,
             series.c.modality,
             series.c.series_number,
@@ -42,6 +43,7 @@ def series_facts(engine: Engine, study_id: int) -> list[SeriesFacts]:
         SeriesFacts(
             study_instance_uid=r.study_instance_uid,
             series_instance_uid=r.series_instance_uid,
+            series_id=r.series_id,
             values={
                 "Modality": r.modality,
                 "BodyPartExamined": r.body_part_examined,

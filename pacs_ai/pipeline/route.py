@@ -37,8 +37,13 @@ class Priority(StrEnum):
 
     @property
     def rank(self) -> int:
-        """Higher runs first (Celery priority on Redis is inverted for us at enqueue time)."""
+        """Higher is more urgent (for sorting and display)."""
         return {"STAT": 9, "HIGH": 6, "ROUTINE": 3}[self.value]
+
+    @property
+    def celery_priority(self) -> int:
+        """Celery's Redis transport serves priority 0 first, so the scale is inverted."""
+        return 9 - self.rank
 
 
 # Series-level facts a rule may test, by keyword. Study-level ones apply to every series.
@@ -190,6 +195,8 @@ class SeriesFacts:
     study_instance_uid: str
     series_instance_uid: str
     values: dict[str, Any]
+    series_id: int = 0
+    """The index row, when the facts came from the index."""
 
 
 @dataclass(frozen=True)

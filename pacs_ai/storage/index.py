@@ -7,6 +7,7 @@ so receivers in several processes (or on several hosts, with PostgreSQL) can sha
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,23 @@ def _study_values(h: InstanceHeader, calling_ae: str, now: float) -> dict[str, A
     }
 
 
+def _instance_values(item: _Pending, series_id: int) -> dict[str, Any]:
+    h = item.header
+    return {
+        "sop_instance_uid": h.sop_instance_uid,
+        "sop_class_uid": h.sop_class_uid,
+        "series_id": series_id,
+        "study_id": item.study_id,
+        "instance_number": h.instance_number,
+        "transfer_syntax_uid": h.transfer_syntax_uid,
+        "path": item.path,
+        "size_bytes": item.size,
+        "calling_ae": item.calling_ae,
+        "received_at": item.now,
+        "duplicates": 0,
+    }
+
+
 def _series_values(h: InstanceHeader, study_id: int, now: float) -> dict[str, Any]:
     return {
         "study_id": study_id,
@@ -90,25 +108,48 @@ def _series_values(h: InstanceHeader, study_id: int, now: float) -> dict[str, An
     }
 
 
+@dataclass
+class _Pending:
+    """One instance waiting to be indexed, and, once its batch is committed, the outcome."""
+
+    header: InstanceHeader
+    calling_ae: str
+    path: str
+    size: int
+    now: float
+    study_id: int = 0
+    added: bool | None = None
+    error: Exception | None = None
+    done: bool = False
+
+
 class InstanceRecorder:
     """Indexes stored instances; one per process, shared by its associations.
 
     Study and series rows are looked up once and their ids kept, so a typical instance
-    costs one INSERT and two small UPDATEs. The statements are built once: at hundreds of
+    costs one row in a multi-row INSERT. The statements are built once: at hundreds of
     instances a second, building SQL per call costs more than running it.
+
+    Group commit: instances that arrive while a transaction is running are indexed together
+    in the next one, by whichever caller gets there first, and every caller returns only
+    after the transaction holding its own row has committed. One association alone still
+    gets a transaction of its own, with no hand-off to another thread.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._study_ids: dict[tuple[str, str], int] = {}
         self._series_ids: dict[tuple[int, str], int] = {}
+        self._queue: list[_Pending] = []
+        self._writing = False
+        self._turn = threading.Condition()
         greatest = func.max if engine.dialect.name == "sqlite" else func.greatest
         # RETURNING tells "inserted" from "conflict" on both dialects; rowcount does not
         # (PostgreSQL reports an implicit RETURNING's rowcount differently).
-        self._insert_instance = (
+        self._insert_instances = (
             _dialect_insert(engine)(instances)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .returning(instances.c.id)
+            .returning(instances.c.sop_instance_uid)
         )
         self._reopen = (
             update(studies)
@@ -131,51 +172,121 @@ class InstanceRecorder:
     ) -> bool:
         """Index one stored instance; False if its SOP Instance UID was already indexed.
 
-        A new instance for a COMPLETE study puts it back to RECEIVING (and counts the
-        reopening), so the assembler completes it again after the next quiet period.
+        Returns once the row is committed. A new instance for a COMPLETE study puts it back
+        to RECEIVING (and counts the reopening), so the assembler completes it again after
+        the next quiet period.
         """
+        item = _Pending(header, calling_ae, path, size, now)
+        with self._turn:
+            self._queue.append(item)
+            while self._writing and not item.done:
+                self._turn.wait()
+            batch: list[_Pending] = []
+            if not item.done:
+                batch, self._queue = self._queue, []
+                self._writing = True
+        if batch:
+            self._write(batch)
+        if item.error is not None:
+            raise item.error
+        if item.added is None:
+            raise RuntimeError(f"instance {header.sop_instance_uid} was not indexed")
+        return item.added
+
+    def _write(self, batch: list[_Pending]) -> None:
         try:
-            return self._record(header, calling_ae, path, size, now)
+            self._run(batch)
+        finally:
+            with self._turn:
+                for item in batch:
+                    item.done = True
+                self._writing = False
+                self._turn.notify_all()
+
+    def _run(self, batch: list[_Pending]) -> None:
+        """Index ``batch`` in one transaction; each entry gets its outcome or its error."""
+        try:
+            for item, added in zip(batch, self._record_retrying(batch), strict=True):
+                item.added = added
+        except Exception as exc:
+            # Not handled here: the waiting caller raises it in its own thread.
+            self._forget_ids()
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            # One bad instance must not fail the others that happened to share its batch.
+            for item in batch:
+                self._run([item])
+
+    def _record_retrying(self, batch: list[_Pending]) -> list[bool]:
+        try:
+            return self._record(batch)
         except IntegrityError:
             # A cached study or series row was removed (purge): forget the ids, try once more.
-            self._study_ids.clear()
-            self._series_ids.clear()
-            return self._record(header, calling_ae, path, size, now)
+            self._forget_ids()
+            return self._record(batch)
 
-    def _record(self, h: InstanceHeader, calling_ae: str, path: str, size: int, now: float) -> bool:
+    def _forget_ids(self) -> None:
+        # Ids learnt in a transaction that rolled back may name rows that never existed.
+        self._study_ids.clear()
+        self._series_ids.clear()
+
+    def _record(self, batch: list[_Pending]) -> list[bool]:
         with self.engine.begin() as conn:
-            study_id = self._study_id(conn, h, calling_ae, now)
-            series_id = self._series_id(conn, h, study_id, now)
-            added = conn.execute(
-                self._insert_instance,
-                {
-                    "sop_instance_uid": h.sop_instance_uid,
-                    "sop_class_uid": h.sop_class_uid,
-                    "series_id": series_id,
-                    "study_id": study_id,
-                    "instance_number": h.instance_number,
-                    "transfer_syntax_uid": h.transfer_syntax_uid,
-                    "path": path,
-                    "size_bytes": size,
-                    "calling_ae": calling_ae,
-                    "received_at": now,
-                    "duplicates": 0,
-                },
-            ).first()
-            if added is None:
-                # Another association stored the same instance a moment ago.
-                conn.execute(self._duplicate, {"sop": h.sop_instance_uid})
-                return False
-            reopened = conn.execute(self._reopen, {"sid": study_id}).rowcount
-            conn.execute(self._touch, {"sid": study_id, "now": now})
-        if reopened:
+            first: dict[str, int] = {}
+            rows = []
+            for i, item in enumerate(batch):
+                h = item.header
+                item.study_id = self._study_id(conn, h, item.calling_ae, item.now)
+                series_id = self._series_id(conn, h, item.study_id, item.now)
+                if h.sop_instance_uid not in first:
+                    first[h.sop_instance_uid] = i
+                    rows.append(_instance_values(item, series_id))
+            inserted = set(conn.execute(self._insert_instances, rows).scalars())
+            added = [
+                first[item.header.sop_instance_uid] == i
+                and item.header.sop_instance_uid in inserted
+                for i, item in enumerate(batch)
+            ]
+            self._count_duplicates(conn, batch, added)
+            reopened = self._touch_studies(conn, batch, added)
+        for item in reopened:
             logger.info(
                 "study %s from %s reopened by new instance %s",
-                h.study_instance_uid,
-                calling_ae,
-                h.sop_instance_uid,
+                item.header.study_instance_uid,
+                item.calling_ae,
+                item.header.sop_instance_uid,
             )
-        return True
+        return added
+
+    def _count_duplicates(self, conn: Connection, batch: list[_Pending], added: list[bool]) -> None:
+        # Stored a moment ago by another association, or earlier in this same batch.
+        repeats = [
+            {"sop": item.header.sop_instance_uid}
+            for item, new in zip(batch, added, strict=True)
+            if not new
+        ]
+        if repeats:
+            conn.execute(self._duplicate, repeats)
+
+    def _touch_studies(
+        self, conn: Connection, batch: list[_Pending], added: list[bool]
+    ) -> list[_Pending]:
+        """Note new activity on each study that got instances; return those that reopened."""
+        latest: dict[int, _Pending] = {}
+        for item, new in zip(batch, added, strict=True):
+            if new and (item.study_id not in latest or latest[item.study_id].now < item.now):
+                latest[item.study_id] = item
+        reopened = [
+            item
+            for sid, item in latest.items()
+            if conn.execute(self._reopen, {"sid": sid}).rowcount
+        ]
+        if latest:
+            conn.execute(
+                self._touch, [{"sid": sid, "now": item.now} for sid, item in latest.items()]
+            )
+        return reopened
 
     def _study_id(self, conn: Connection, h: InstanceHeader, calling_ae: str, now: float) -> int:
         key = (h.study_instance_uid, calling_ae)

@@ -92,3 +92,68 @@ instances = Table(
     Index("ix_instances_series", "series_id"),
     Index("ix_instances_study", "study_id"),
 )
+
+
+# --- the AI path ------------------------------------------------------------------------------
+
+QUEUED, RUNNING, ENCODED, DELIVERED = "QUEUED", "RUNNING", "ENCODED", "DELIVERED"
+SKIPPED, FAILED, CANCELED = "SKIPPED", "FAILED", "CANCELED"
+JOB_STATES = (QUEUED, RUNNING, ENCODED, DELIVERED, SKIPPED, FAILED, CANCELED)
+JOB_FINAL = (DELIVERED, SKIPPED, FAILED, CANCELED)
+
+PENDING, SENDING, DONE = "PENDING", "SENDING", "DONE"
+DELIVERY_STATES = (PENDING, SENDING, DONE, FAILED, CANCELED)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("rule", String(64), nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", String(1024), nullable=False, default=""),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    # Peer names the results go to, comma-separated (resolved when the job was made).
+    Column("destinations", String(1024), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("enqueued_at", Float, nullable=True),
+    Column("started_at", Float, nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("worker", String(128), nullable=False, default=""),
+    Column("finished_at", Float, nullable=True),
+    # Stage durations in seconds, JSON: {"volume": .., "inference": .., "encode": ..}
+    Column("timings", String(1024), nullable=False, default="{}"),
+    Column("findings", String(4096), nullable=False, default=""),
+    # Which completion of the study made this job: a reopened study may run its models again.
+    Column("completion", Integer, nullable=False, default=1),
+    UniqueConstraint("series_id", "model", "rule", "completion", name="uq_jobs_series_model_rule"),
+    Index("ix_jobs_state", "state"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True),
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    Column("peer", String(64), nullable=False),
+    # SEG / SR for a job's results; SERIES / STUDY for a plain forward.
+    Column("kind", String(16), nullable=False),
+    # What to send: a result file relative to the data dir, or a series UID for a forward.
+    Column("payload", String(256), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False, default=""),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("last_error", String(1024), nullable=False, default=""),
+    Column("next_attempt_at", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("job_id", "study_id", "peer", "kind", "payload", name="uq_deliveries_what"),
+    Index("ix_deliveries_state", "state"),
+)

@@ -13,8 +13,11 @@ cannot take back a name we reported as stored.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -33,8 +36,159 @@ logger = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+# O_DIRECT wants buffer address, file offset and length aligned to the disk's logical block
+# (512 or 4096 bytes on the disks we know); 4096 satisfies both.
+_DIRECT_ALIGN = 4096
+_DIRECT_CHUNK = 4 << 20
+_DIRECT_POOL = 8
+
+
 def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _UID.match(value) is not None
+
+
+class _DirectWriter:
+    """Writes file contents with O_DIRECT where the filesystem allows it.
+
+    A buffered write copies every byte into freshly allocated page cache, which measured as
+    the largest single kernel cost of ingest (~1 ms of CPU per 512 KiB CT slice, against
+    ~0.3 ms direct). The aligned bulk goes straight from a reused page-aligned buffer to the
+    disk; the sub-block tail goes through the page cache, so no padding or truncation is
+    needed. Durability is unchanged: the caller still fsyncs, which also flushes the disk's
+    write cache.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = hasattr(os, "O_DIRECT")
+        self._buffers: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def open_flags(self, size: int) -> int:
+        direct = self.enabled and size >= _DIRECT_ALIGN
+        return os.O_DIRECT if direct else 0
+
+    def write(self, fd: int, data: bytes) -> None:
+        """Write ``data`` at the start of ``fd`` (opened with :meth:`open_flags`)."""
+        view = memoryview(data)
+        bulk = len(view) - len(view) % _DIRECT_ALIGN
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            try:
+                self._write_aligned(fd, view[:bulk])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The filesystem or disk wants another alignment: buffered from now on.
+                logger.warning("O_DIRECT writes refused (%s); using buffered writes", exc)
+                self.enabled = False
+                os.lseek(fd, 0, os.SEEK_SET)
+                bulk = 0
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        else:
+            bulk = 0
+        _write_all(fd, view[bulk:])
+
+    def _write_aligned(self, fd: int, view: memoryview) -> None:
+        buffer = self._take()
+        try:
+            for start in range(0, len(view), _DIRECT_CHUNK):
+                chunk = view[start : start + _DIRECT_CHUNK]
+                size = len(chunk)
+                buffer[:size] = chunk
+                with memoryview(buffer) as aligned:
+                    written = os.write(fd, aligned[:size])
+                if written != size:
+                    # A short direct write leaves the offset unaligned; let the caller redo it.
+                    raise OSError(errno.EINVAL, "short O_DIRECT write")
+        finally:
+            self._give(buffer)
+
+    def _take(self) -> mmap.mmap:
+        with self._lock:
+            if self._buffers:
+                return self._buffers.pop()
+        # Anonymous mmap memory is page aligned, as O_DIRECT needs.
+        return mmap.mmap(-1, _DIRECT_CHUNK)
+
+    def _give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._buffers) < _DIRECT_POOL:
+                self._buffers.append(buffer)
+                return
+        buffer.close()
+
+
+class _FolderSync:
+    """fsync of a folder, shared by the renames into it that wait at the same time.
+
+    Associations storing one series rename into the same folder at once. Each caller returns
+    only after an fsync of the folder that *started* after its own rename finished, so each
+    still waits for the sync that covers its name; concurrent callers just share one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[Path, _FolderState] = {}
+
+    def after_rename(self, folder: Path) -> None:
+        with self._lock:
+            state = self._folders.get(folder)
+            if state is None:
+                state = self._folders[folder] = _FolderState(self._lock)
+            state.users += 1
+            state.renamed += 1
+            ticket = state.renamed
+            try:
+                self._wait_synced(folder, state, ticket)
+            finally:
+                state.users -= 1
+                if not state.users:
+                    del self._folders[folder]
+
+    def _wait_synced(self, folder: Path, state: _FolderState, ticket: int) -> None:
+        # Called and returns with self._lock held.
+        while True:
+            if state.error is not None and state.failed_up_to >= ticket:
+                # A failed fsync leaves every rename it was meant to cover in doubt.
+                raise state.error
+            if state.synced >= ticket:
+                return
+            if state.syncing:
+                state.changed.wait()
+                continue
+            state.syncing = True
+            covers = state.renamed
+            error: OSError | None = None
+            self._lock.release()
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                error = exc
+            finally:
+                self._lock.acquire()
+                state.syncing = False
+                state.changed.notify_all()
+            if error is not None:
+                state.failed_up_to, state.error = covers, error
+            else:
+                state.synced = covers
+
+
+class _FolderState:
+    def __init__(self, lock: threading.Lock) -> None:
+        self.changed = threading.Condition(lock)
+        self.users = 0
+        self.renamed = 0  # renames into the folder so far; each caller's ticket
+        self.synced = 0  # every ticket up to this one is covered by a finished fsync
+        self.syncing = False
+        self.failed_up_to = 0
+        self.error: OSError | None = None
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 class Spool:
@@ -47,6 +201,8 @@ class Spool:
         self.reserve_bytes = reserve_bytes
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._writer = _DirectWriter()
+        self._folder_sync = _FolderSync()
 
     def prepare(self, clean_tmp: bool = False) -> None:
         """Create the folders; with ``clean_tmp`` drop leftovers of a previous run.
@@ -101,7 +257,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(folder)
+        self._folder_sync.after_rename(folder)
         return relative
 
     def quarantine(self, data: bytes, reason: str, details: dict[str, Any]) -> Path:
@@ -126,12 +282,9 @@ class Spool:
 
     def _write_tmp(self, data: bytes) -> Path:
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = self._open_new(tmp, len(data))
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            self._writer.write(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -139,6 +292,18 @@ class Spool:
             raise
         os.close(fd)
         return tmp
+
+    def _open_new(self, path: Path, size: int) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(path, flags | self._writer.open_flags(size), 0o640)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        # Some filesystems refuse O_DIRECT only after creating the file.
+        self._writer.enabled = False
+        path.unlink(missing_ok=True)
+        return os.open(path, flags, 0o640)
 
     def _make_dirs(self, folder: Path) -> None:
         with self._lock:
@@ -160,3 +325,27 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durable(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write a whole file that is, after a crash, either absent or complete (results, exports).
+
+    Same recipe as the spool: a temp file in ``tmp_dir`` (same file system), fsync, rename,
+    fsync of the folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

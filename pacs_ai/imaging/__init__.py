@@ -1,0 +1,1 @@
+"""From DICOM series to arrays a model can read, and back."""

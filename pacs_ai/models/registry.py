@@ -1,0 +1,140 @@
+"""Find models by name.
+
+Models come from three places, the first that knows a name winning:
+
+1. factories registered at run time with :func:`register` (tests, embedding applications);
+2. the ``pacs_ai.models`` entry points of installed distributions, named after the model,
+   e.g. ``ct-organs-threshold = "pacs_ai.models.builtin.ct_organs_threshold:CtOrgansThreshold"``;
+3. the built-in table :data:`pacs_ai.models.builtin.BUILTIN_MODELS`, so that a checkout
+   without installed entry points still finds the built-ins.
+
+A factory is anything that, called with no arguments, returns a :class:`~pacs_ai.models.base.Model`:
+usually the model class itself. Constructing a model must be cheap; weights are read in
+``load(device)``. :meth:`ModelRegistry.create` imports only the module of the model asked for;
+:meth:`ModelRegistry.available` imports every model's module to read its manifest, so a model
+that needs torch imports it inside ``load`` (or below module level), never at the top of its
+module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import TypeVar
+
+from pacs_ai.errors import UnknownModel
+from pacs_ai.models.base import Model, ModelManifest
+from pacs_ai.models.builtin import BUILTIN_MODELS
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "pacs_ai.models"
+
+ModelFactory = Callable[[], Model]
+F = TypeVar("F", bound=ModelFactory)
+
+
+def manifest_of(factory: ModelFactory) -> ModelManifest:
+    """The manifest a factory's models carry: from the class if it has one, else an instance."""
+    manifest = getattr(factory, "manifest", None)
+    if not isinstance(manifest, ModelManifest):
+        manifest = factory().manifest
+    if not isinstance(manifest, ModelManifest):
+        raise TypeError(f"{factory!r} makes models without a ModelManifest as .manifest")
+    return manifest
+
+
+class ModelRegistry:
+    """The models one process can run, by name.
+
+    ``entry_points`` and ``builtins`` choose the sources besides registered factories; a
+    test that wants only its own models turns both off.
+    """
+
+    def __init__(self, *, entry_points: bool = True, builtins: bool = True) -> None:
+        self._use_entry_points = entry_points
+        self._use_builtins = builtins
+        self._registered: dict[str, ModelFactory] = {}
+
+    def register(self, factory: F) -> F:
+        """Make ``factory``'s model available under its manifest's name; usable as a decorator."""
+        self._registered[manifest_of(factory).name] = factory
+        return factory
+
+    def names(self) -> list[str]:
+        """Every known model name, sorted, without importing any model."""
+        return sorted(self._sources())
+
+    def available(self) -> dict[str, ModelManifest]:
+        """Every model's manifest by name; a model that fails to load is logged and left out."""
+        manifests: dict[str, ModelManifest] = {}
+        for name, source in sorted(self._sources().items()):
+            # A plugin is third-party code run at import: one broken plugin must not hide the
+            # others from a listing (create() of that name still raises its error).
+            try:
+                manifests[name] = manifest_of(_factory(name, source))
+            except Exception:
+                logger.exception("model %s could not be loaded; left out of the listing", name)
+        return manifests
+
+    def create(self, name: str) -> Model:
+        """A new, not yet loaded instance of model ``name``: call ``load(device)`` next.
+
+        Raises :class:`~pacs_ai.errors.UnknownModel` for a name no source knows.
+        """
+        sources = self._sources()
+        if name not in sources:
+            raise UnknownModel(name, sorted(sources))
+        model = _factory(name, sources[name])()
+        if not isinstance(model, Model):
+            raise TypeError(f"the factory of model {name!r} returned {model!r}, not a Model")
+        return model
+
+    def _sources(self) -> dict[str, ModelFactory | EntryPoint]:
+        sources: dict[str, ModelFactory | EntryPoint] = {}
+        if self._use_builtins:
+            for name, value in BUILTIN_MODELS.items():
+                sources[name] = EntryPoint(name, value, ENTRY_POINT_GROUP)
+        if self._use_entry_points:
+            for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+                sources[entry_point.name] = entry_point
+        sources.update(self._registered)
+        return sources
+
+
+def _factory(name: str, source: ModelFactory | EntryPoint) -> ModelFactory:
+    """Import an entry point's factory and check that it makes the model it is named for."""
+    if not isinstance(source, EntryPoint):
+        return source
+    factory = source.load()
+    if not callable(factory):
+        raise TypeError(f"entry point {name} = {source.value!r} is not a model factory")
+    manifest_name = manifest_of(factory).name
+    if manifest_name != name:
+        raise ValueError(
+            f"entry point {name} = {source.value!r} makes model {manifest_name!r}: "
+            "the entry point must be named after the model's manifest"
+        )
+    loaded: ModelFactory = factory
+    return loaded
+
+
+# Models are a property of the installed process, like the entry points they come from: one
+# registry per process, which workers and the CLI share.
+_default = ModelRegistry()
+
+
+def available() -> dict[str, ModelManifest]:
+    """The manifest of every model this process can run, by name."""
+    return _default.available()
+
+
+def create(name: str) -> Model:
+    """A new, not yet loaded instance of model ``name``; see :meth:`ModelRegistry.create`."""
+    return _default.create(name)
+
+
+def register(factory: F) -> F:
+    """Add a model factory to the process-wide registry; see :meth:`ModelRegistry.register`."""
+    return _default.register(factory)

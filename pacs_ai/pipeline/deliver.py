@@ -1,0 +1,79 @@
+"""One delivery: a result object or a forwarded series/study, C-STOREd to one peer.
+
+A failure puts the delivery back to PENDING with a later ``next_attempt_at`` (exponential
+backoff); the reconciler enqueues it when due. After ``delivery.max_attempts`` it is FAILED,
+visible in ``pacs-ai deliveries list`` with the last error, and ``deliveries retry`` revives it.
+One peer being down delays only its own deliveries.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+
+from pacs_ai.dicom import scu
+from pacs_ai.dicom.status import describe
+from pacs_ai.errors import PacsAiError
+from pacs_ai.pipeline import jobs
+from pacs_ai.pipeline.infer import WorkerContext
+from pacs_ai.pipeline.jobs import ClaimedDelivery
+from pacs_ai.storage.schema import instances, series
+
+logger = logging.getLogger(__name__)
+
+
+def _files(ctx: WorkerContext, delivery: ClaimedDelivery) -> list[Path]:
+    settings = ctx.settings
+    if delivery.kind in ("SEG", "SR"):
+        return [settings.node.data_dir / delivery.payload]
+    query = select(instances.c.path).where(instances.c.study_id == delivery.study_id)
+    if delivery.kind == "SERIES":
+        query = query.join(series, series.c.id == instances.c.series_id).where(
+            series.c.series_instance_uid == delivery.payload
+        )
+    with ctx.engine.connect() as conn:
+        return [settings.spool_dir / p for p in conn.execute(query).scalars()]
+
+
+def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
+    delivery = jobs.claim_delivery(ctx.engine, delivery_id, ctx.clock())
+    if delivery is None:
+        return "NOT_CLAIMED"
+    peer = ctx.settings.peer(delivery.peer)
+    error = ""
+    if peer is None:
+        error = f"peer {delivery.peer!r} is no longer configured"
+    else:
+        try:
+            report = scu.SendReport()
+            files = scu.scan(_files(ctx, delivery), report)
+            scu.send(
+                files,
+                peer,
+                ctx.settings.node.ae_title,
+                1,
+                report,
+                timeout_s=ctx.settings.delivery.timeout_s,
+            )
+            if not files:
+                error = "nothing to send (files missing)"
+            elif not report.ok:
+                path, status, comment = report.failures[0]
+                error = (
+                    f"{peer.ae_title} answered 0x{status & 0xFFFF:04X} ({describe(status)}) "
+                    f"for {path.name}: {comment}"
+                )
+        except PacsAiError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    if not error:
+        jobs.delivered(ctx.engine, delivery, ctx.clock())
+        logger.info("delivery %d (%s) to %s DONE", delivery_id, delivery.kind, delivery.peer)
+        return "DONE"
+    delay = jobs.delivery_failed(
+        ctx.engine, delivery, error, ctx.clock(), ctx.settings.delivery.backoff_s
+    )
+    return "FAILED" if delay is None else "PENDING"

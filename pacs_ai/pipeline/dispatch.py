@@ -1,0 +1,122 @@
+"""From a completed study to messages on the broker, and the reconciler that keeps them honest.
+
+:meth:`Dispatcher.on_study_complete` is an assembly listener: it routes the study, records jobs
+and forwards in the database, then enqueues their ids. Enqueueing can fail (broker down);
+that loses nothing, because :meth:`Dispatcher.reconcile` finds every QUEUED job and due
+delivery in the database and sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs_ai.config import Settings
+from pacs_ai.pipeline import jobs
+from pacs_ai.pipeline.assemble import StudyCompleted
+from pacs_ai.pipeline.facts import series_facts
+from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
+from pacs_ai.pipeline.route import Priority, evaluate
+
+logger = logging.getLogger(__name__)
+
+# Our own SEG and SR come back when a PACS forwards a study: never route them again.
+OWN_MANUFACTURER = "pacs-ai"
+
+SendTask = Callable[[str, int, str, int], None]
+"""(task name, id, queue, priority) -> None; raises if the broker cannot take it."""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        send_task: SendTask,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.send_task = send_task
+        self.clock = clock
+
+    def on_study_complete(self, done: StudyCompleted) -> None:
+        facts = [
+            f
+            for f in series_facts(self.engine, done.study_id)
+            if f.values.get("Manufacturer") != OWN_MANUFACTURER
+        ]
+        decisions = evaluate(self.settings.rules, facts)
+        if not decisions:
+            logger.info("study %s: no rule matches; kept, nothing to run", done.study_instance_uid)
+            return
+        job_specs, forwards = jobs.plan(
+            decisions,
+            facts,
+            self.settings.rules,
+            done.study_id,
+            done.calling_ae,
+            done.completions,
+            self.settings.peers,
+        )
+        new_jobs, delivery_ids = jobs.create(
+            self.engine,
+            job_specs,
+            forwards,
+            self.settings.worker.max_attempts,
+            self.settings.delivery.max_attempts,
+            self.clock(),
+        )
+        logger.info(
+            "study %s: %d job(s), %d forward(s) from rules %s",
+            done.study_instance_uid,
+            len(new_jobs),
+            len(delivery_ids),
+            sorted({d.rule for d in decisions}),
+        )
+        for job_id, priority in new_jobs:
+            self.enqueue_job(job_id, priority)
+        for delivery_id in delivery_ids:
+            self.enqueue_delivery(delivery_id)
+
+    def enqueue_job(self, job_id: int, priority: Priority) -> None:
+        try:
+            self.send_task(INFER_TASK, job_id, "infer", priority.celery_priority)
+        except Exception as exc:
+            # Broker unreachable: the job stays QUEUED and the reconciler sends it later.
+            logger.warning("could not enqueue job %d (%s); the reconciler will retry", job_id, exc)
+            return
+        jobs.mark_enqueued(self.engine, [job_id], self.clock())
+
+    def enqueue_delivery(self, delivery_id: int) -> None:
+        now = self.clock()
+        try:
+            self.send_task(SEND_TASK, delivery_id, "send", 5)
+        except Exception as exc:
+            logger.warning("could not enqueue delivery %d (%s); will retry", delivery_id, exc)
+            return
+        # Not due again until the requeue window passes: the message is on its way.
+        jobs.mark_delivery_scheduled(
+            self.engine, delivery_id, now + self.settings.worker.requeue_after_s
+        )
+
+    def reconcile(self) -> jobs.Redo:
+        redo = jobs.reconcile(self.engine, self.clock(), self.settings.worker.requeue_after_s)
+        for job_id, priority in redo.jobs:
+            logger.info("reconciler: re-enqueueing job %d", job_id)
+            self.enqueue_job(job_id, priority)
+        for delivery_id in redo.deliveries:
+            self.enqueue_delivery(delivery_id)
+        return redo
+
+    def run_reconciler(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.worker.reconcile_interval_s):
+            try:
+                self.reconcile()
+            except SQLAlchemyError as exc:
+                logger.error("reconciler pass failed, retrying: %s", exc)

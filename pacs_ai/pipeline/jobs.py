@@ -1,0 +1,589 @@
+"""Jobs and deliveries: the database is the source of truth, the broker carries ids only.
+
+A job is one model on one series, made by one rule for one completion of the study::
+
+    QUEUED ──claim──► RUNNING ──encoded──► ENCODED ──all deliveries DONE──► DELIVERED
+       │                 │  └─ series cannot be a volume ─► SKIPPED (reason)
+       │                 └─ error ─► QUEUED again (attempts < max) or FAILED (reason)
+       └─ cancel ─► CANCELED                       (retry puts FAILED/CANCELED back to QUEUED)
+
+A delivery is one object (SEG, SR) or one forward (SERIES, STUDY) to one peer:
+PENDING ─► SENDING ─► DONE, or back to PENDING with a backoff, or FAILED after max attempts.
+
+Every transition is a guarded UPDATE (``WHERE state = …``), so two workers, a reconciler and
+an admin can act at once and exactly one wins. Claiming a job takes a lease; the reconciler
+puts back jobs whose lease ran out (a killed worker) and jobs queued long ago that no worker
+took (a lost broker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Row, and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pacs_ai.config import PeerSettings
+from pacs_ai.pipeline.route import Decision, Priority, RuleSettings, SeriesFacts
+from pacs_ai.storage.schema import (
+    CANCELED,
+    DELIVERED,
+    DONE,
+    ENCODED,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    SENDING,
+    SKIPPED,
+    deliveries,
+    jobs,
+    series,
+    studies,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    study_id: int
+    series_id: int
+    model: str
+    rule: str
+    priority: Priority
+    destinations: tuple[str, ...]
+    completion: int
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    study_id: int
+    peer: str
+    kind: str  # SERIES or STUDY
+    payload: str  # SeriesInstanceUID, or StudyInstanceUID for a whole study
+
+
+def result_destinations(
+    rule: RuleSettings, calling_ae: str, peers: Sequence[PeerSettings]
+) -> tuple[str, ...]:
+    """Where a rule's results go: its ``results_to``, else the sender if it may receive."""
+    if rule.results_to:
+        return rule.results_to
+    return tuple(p.name for p in peers if p.ae_title == calling_ae and p.receive)[:1]
+
+
+def plan(
+    decisions: Sequence[Decision],
+    facts: Sequence[SeriesFacts],
+    rules: Sequence[RuleSettings],
+    study_id: int,
+    calling_ae: str,
+    completion: int,
+    peers: Sequence[PeerSettings],
+) -> tuple[list[JobSpec], list[ForwardSpec]]:
+    """Turn the rules that fired into jobs and forwards (pure)."""
+    by_rule = {r.name: r for r in rules}
+    by_series = {f.series_instance_uid: f for f in facts}
+    job_specs: list[JobSpec] = []
+    forwards: dict[tuple[str, str, str], ForwardSpec] = {}
+    for decision in decisions:
+        if not decision.matched:
+            continue
+        rule = by_rule[decision.rule]
+        fact = by_series[decision.series_instance_uid]
+        for model in rule.models:
+            job_specs.append(
+                JobSpec(
+                    study_id=study_id,
+                    series_id=fact.series_id,
+                    model=model,
+                    rule=rule.name,
+                    priority=rule.priority,
+                    destinations=result_destinations(rule, calling_ae, peers),
+                    completion=completion,
+                )
+            )
+        for peer in rule.forward:
+            kind = "STUDY" if rule.forward_level == "study" else "SERIES"
+            payload = fact.study_instance_uid if kind == "STUDY" else fact.series_instance_uid
+            forwards[(peer, kind, payload)] = ForwardSpec(study_id, peer, kind, payload)
+    return job_specs, list(forwards.values())
+
+
+def _insert_ignore(engine_or_conn: Any) -> Any:
+    return postgresql.insert if engine_or_conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def create(
+    engine: Engine,
+    job_specs: Sequence[JobSpec],
+    forwards: Sequence[ForwardSpec],
+    max_attempts: int,
+    delivery_attempts: int,
+    now: float,
+) -> tuple[list[tuple[int, Priority]], list[int]]:
+    """Insert jobs and forward deliveries once (re-planning the same completion adds nothing).
+
+    Returns the new jobs as (id, priority) and the new deliveries' ids.
+    """
+    job_ids: list[tuple[int, Priority]] = []
+    delivery_ids: list[int] = []
+    with engine.begin() as conn:
+        insert = _insert_ignore(conn)
+        for spec in job_specs:
+            row = conn.execute(
+                insert(jobs)
+                .values(
+                    study_id=spec.study_id,
+                    series_id=spec.series_id,
+                    model=spec.model,
+                    rule=spec.rule,
+                    priority=spec.priority.value,
+                    state=QUEUED,
+                    reason="",
+                    attempts=0,
+                    max_attempts=max_attempts,
+                    destinations=",".join(spec.destinations),
+                    created_at=now,
+                    updated_at=now,
+                    worker="",
+                    timings="{}",
+                    findings="",
+                    completion=spec.completion,
+                )
+                .on_conflict_do_nothing()
+                .returning(jobs.c.id)
+            ).first()
+            if row is not None:
+                job_ids.append((int(row.id), spec.priority))
+        for fwd in forwards:
+            row = conn.execute(
+                insert(deliveries)
+                .values(
+                    job_id=None,
+                    study_id=fwd.study_id,
+                    peer=fwd.peer,
+                    kind=fwd.kind,
+                    payload=fwd.payload,
+                    sop_instance_uid="",
+                    state=PENDING,
+                    attempts=0,
+                    max_attempts=delivery_attempts,
+                    last_error="",
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing()
+                .returning(deliveries.c.id)
+            ).first()
+            if row is not None:
+                delivery_ids.append(int(row.id))
+    return job_ids, delivery_ids
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    model: str
+    attempt: int
+    study_instance_uid: str
+    series_instance_uid: str
+    series_id: int
+    study_id: int
+    destinations: tuple[str, ...]
+    priority: Priority
+
+
+def claim(
+    engine: Engine, job_id: int, worker: str, lease_s: float, now: float
+) -> ClaimedJob | None:
+    """Take a QUEUED job (or a RUNNING one whose lease ran out); None if someone else has it."""
+    with engine.begin() as conn:
+        claimed = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                or_(
+                    jobs.c.state == QUEUED,
+                    and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
+                ),
+            )
+            .values(
+                state=RUNNING,
+                attempts=jobs.c.attempts + 1,
+                started_at=now,
+                lease_expires_at=now + lease_s,
+                worker=worker,
+                updated_at=now,
+            )
+            .returning(jobs.c.attempts)
+        ).first()
+        if claimed is None:
+            return None
+        row = conn.execute(
+            select(
+                jobs.c.model,
+                jobs.c.destinations,
+                jobs.c.priority,
+                jobs.c.series_id,
+                jobs.c.study_id,
+                series.c.series_instance_uid,
+                studies.c.study_instance_uid,
+            )
+            .select_from(
+                jobs.join(series, series.c.id == jobs.c.series_id).join(
+                    studies, studies.c.id == jobs.c.study_id
+                )
+            )
+            .where(jobs.c.id == job_id)
+        ).one()
+    return ClaimedJob(
+        id=job_id,
+        model=row.model,
+        attempt=int(claimed.attempts),
+        study_instance_uid=row.study_instance_uid,
+        series_instance_uid=row.series_instance_uid,
+        series_id=row.series_id,
+        study_id=row.study_id,
+        destinations=tuple(d for d in row.destinations.split(",") if d),
+        priority=Priority(row.priority),
+    )
+
+
+def _move(
+    engine: Engine, job_id: int, from_states: Sequence[str], now: float, **values: Any
+) -> bool:
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state.in_(list(from_states)))
+            .values(updated_at=now, **values)
+        )
+    return bool(result.rowcount)
+
+
+def skip(engine: Engine, job_id: int, reason: str, now: float) -> bool:
+    logger.info("job %d SKIPPED: %s", job_id, reason)
+    return _move(
+        engine,
+        job_id,
+        [RUNNING],
+        now,
+        state=SKIPPED,
+        reason=reason[:1024],
+        finished_at=now,
+        lease_expires_at=None,
+    )
+
+
+def fail_attempt(engine: Engine, job_id: int, reason: str, now: float) -> str:
+    """Record a failed attempt: QUEUED again while attempts remain, else FAILED; say which."""
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(jobs.c.attempts, jobs.c.max_attempts).where(jobs.c.id == job_id)
+        ).one()
+        state = QUEUED if row.attempts < row.max_attempts else FAILED
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == RUNNING)
+            .values(
+                state=state,
+                reason=reason[:1024],
+                updated_at=now,
+                lease_expires_at=None,
+                finished_at=now if state == FAILED else None,
+            )
+        )
+    logger.warning("job %d attempt %d failed (%s): now %s", job_id, row.attempts, reason, state)
+    return state
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str  # SEG or SR
+    path: str  # relative to the data dir
+    sop_instance_uid: str
+
+
+def encoded(
+    engine: Engine,
+    job_id: int,
+    outputs: Sequence[Output],
+    destinations: Sequence[str],
+    timings: dict[str, float],
+    findings: str,
+    study_id: int,
+    delivery_attempts: int,
+    now: float,
+) -> list[int]:
+    """RUNNING → ENCODED with one PENDING delivery per (destination, output); returns their ids.
+
+    With no destination the results stay on the node and the job is DELIVERED at once.
+    """
+    with engine.begin() as conn:
+        moved = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == RUNNING)
+            .values(
+                state=ENCODED if destinations else DELIVERED,
+                reason="" if destinations else "no destination: results kept on the node",
+                timings=json.dumps(timings),
+                findings=findings[:4096],
+                updated_at=now,
+                lease_expires_at=None,
+                finished_at=None if destinations else now,
+            )
+        ).rowcount
+        if not moved:
+            return []  # canceled meanwhile, or another attempt already finished
+        insert = _insert_ignore(conn)
+        ids = []
+        for peer in destinations:
+            for out in outputs:
+                row = conn.execute(
+                    insert(deliveries)
+                    .values(
+                        job_id=job_id,
+                        study_id=study_id,
+                        peer=peer,
+                        kind=out.kind,
+                        payload=out.path,
+                        sop_instance_uid=out.sop_instance_uid,
+                        state=PENDING,
+                        attempts=0,
+                        max_attempts=delivery_attempts,
+                        last_error="",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing()
+                    .returning(deliveries.c.id)
+                ).first()
+                if row is not None:
+                    ids.append(int(row.id))
+    return ids
+
+
+def cancel(engine: Engine, job_id: int, now: float) -> bool:
+    return _move(
+        engine,
+        job_id,
+        [QUEUED, RUNNING, ENCODED],
+        now,
+        state=CANCELED,
+        reason="canceled by an administrator",
+        finished_at=now,
+        lease_expires_at=None,
+    )
+
+
+def retry(engine: Engine, job_id: int, now: float) -> bool:
+    """FAILED, CANCELED or SKIPPED back to QUEUED with a fresh attempt budget."""
+    return _move(
+        engine,
+        job_id,
+        [FAILED, CANCELED, SKIPPED],
+        now,
+        state=QUEUED,
+        reason="",
+        attempts=0,
+        finished_at=None,
+        enqueued_at=None,
+    )
+
+
+def mark_enqueued(engine: Engine, job_ids: Sequence[int], now: float) -> None:
+    if job_ids:
+        with engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id.in_(list(job_ids))).values(enqueued_at=now))
+
+
+# --- deliveries -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    id: int
+    job_id: int | None
+    study_id: int
+    peer: str
+    kind: str
+    payload: str
+    attempt: int
+    max_attempts: int
+
+
+def claim_delivery(engine: Engine, delivery_id: int, now: float) -> ClaimedDelivery | None:
+    with engine.begin() as conn:
+        row = conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == delivery_id, deliveries.c.state == PENDING)
+            .values(state=SENDING, attempts=deliveries.c.attempts + 1, updated_at=now)
+            .returning(
+                deliveries.c.job_id,
+                deliveries.c.study_id,
+                deliveries.c.peer,
+                deliveries.c.kind,
+                deliveries.c.payload,
+                deliveries.c.attempts,
+                deliveries.c.max_attempts,
+            )
+        ).first()
+    if row is None:
+        return None
+    return ClaimedDelivery(
+        delivery_id,
+        row.job_id,
+        row.study_id,
+        row.peer,
+        row.kind,
+        row.payload,
+        int(row.attempts),
+        int(row.max_attempts),
+    )
+
+
+def delivered(engine: Engine, delivery: ClaimedDelivery, now: float) -> None:
+    """SENDING → DONE; the job becomes DELIVERED when its last delivery is done."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == delivery.id, deliveries.c.state == SENDING)
+            .values(state=DONE, last_error="", updated_at=now)
+        )
+        if delivery.job_id is None:
+            return
+        open_ = conn.execute(
+            select(deliveries.c.id).where(
+                deliveries.c.job_id == delivery.job_id, deliveries.c.state != DONE
+            )
+        ).first()
+        if open_ is None:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == delivery.job_id, jobs.c.state == ENCODED)
+                .values(state=DELIVERED, finished_at=now, updated_at=now)
+            )
+
+
+def delivery_failed(
+    engine: Engine, delivery: ClaimedDelivery, error: str, now: float, backoff_s: float
+) -> float | None:
+    """Record a failed send; return the delay before the next attempt, or None when FAILED."""
+    final = delivery.attempt >= delivery.max_attempts
+    delay = None if final else backoff_s * 2 ** (delivery.attempt - 1)
+    with engine.begin() as conn:
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == delivery.id, deliveries.c.state == SENDING)
+            .values(
+                state=FAILED if final else PENDING,
+                last_error=error[:1024],
+                next_attempt_at=None if delay is None else now + delay,
+                updated_at=now,
+            )
+        )
+    logger.warning(
+        "delivery %d to %s attempt %d/%d failed: %s%s",
+        delivery.id,
+        delivery.peer,
+        delivery.attempt,
+        delivery.max_attempts,
+        error,
+        "" if delay is None else f"; retry in {delay:.0f} s",
+    )
+    return delay
+
+
+def retry_delivery(engine: Engine, delivery_id: int, now: float) -> bool:
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(deliveries)
+            .where(deliveries.c.id == delivery_id, deliveries.c.state.in_([FAILED, CANCELED]))
+            .values(state=PENDING, attempts=0, last_error="", next_attempt_at=now, updated_at=now)
+        )
+    return bool(result.rowcount)
+
+
+# --- reconciler -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Redo:
+    jobs: list[tuple[int, Priority]]
+    deliveries: list[int]
+
+
+def reconcile(engine: Engine, now: float, requeue_after_s: float) -> Redo:
+    """What to (re-)enqueue: lost QUEUED jobs, expired leases, and due PENDING deliveries.
+
+    A QUEUED job enqueued more than ``requeue_after_s`` ago (or never) is sent again: the
+    message may have died with a Redis that lost its data. Sending twice is harmless, since
+    only one claim can succeed. A RUNNING job whose lease expired is requeued the same way.
+    """
+    with engine.connect() as conn:
+        job_rows = conn.execute(
+            select(jobs.c.id, jobs.c.priority).where(
+                or_(
+                    and_(
+                        jobs.c.state == QUEUED,
+                        or_(
+                            jobs.c.enqueued_at.is_(None),
+                            jobs.c.enqueued_at < now - requeue_after_s,
+                        ),
+                    ),
+                    and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
+                )
+            )
+        ).all()
+        delivery_rows = conn.execute(
+            select(deliveries.c.id).where(
+                deliveries.c.state == PENDING,
+                or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= now),
+            )
+        ).all()
+    return Redo([(r.id, Priority(r.priority)) for r in job_rows], [r.id for r in delivery_rows])
+
+
+def mark_delivery_scheduled(engine: Engine, delivery_id: int, at: float) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(deliveries).where(deliveries.c.id == delivery_id).values(next_attempt_at=at)
+        )
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def job_rows(engine: Engine, state: str | None = None, limit: int = 200) -> list[Row[Any]]:
+    query = (
+        select(jobs, series.c.series_instance_uid, studies.c.study_instance_uid)
+        .select_from(
+            jobs.join(series, series.c.id == jobs.c.series_id).join(
+                studies, studies.c.id == jobs.c.study_id
+            )
+        )
+        .order_by(jobs.c.id.desc())
+        .limit(limit)
+    )
+    if state:
+        query = query.where(jobs.c.state == state)
+    with engine.connect() as conn:
+        return list(conn.execute(query).all())
+
+
+def delivery_rows(
+    engine: Engine, state: str | None = None, job_id: int | None = None, limit: int = 200
+) -> list[Row[Any]]:
+    query = select(deliveries).order_by(deliveries.c.id.desc()).limit(limit)
+    if state:
+        query = query.where(deliveries.c.state == state)
+    if job_id is not None:
+        query = query.where(deliveries.c.job_id == job_id)
+    with engine.connect() as conn:
+        return list(conn.execute(query).all())

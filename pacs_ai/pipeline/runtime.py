@@ -1,0 +1,87 @@
+"""The AI path's moving parts inside ``pacs-ai serve``.
+
+- the broker: the configured Redis, or an embedded one (:mod:`pacs_ai.broker`);
+- the dispatcher, listening for study completions, and its reconciler thread;
+- the embedded worker: one ``pacs-ai worker`` process (the same command a GPU server runs),
+  restarted if it dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from pacs_ai.broker import EmbeddedRedis
+from pacs_ai.config import Settings
+from pacs_ai.pipeline.assemble import CompletionListener
+from pacs_ai.pipeline.dispatch import Dispatcher
+from pacs_ai.pipeline.queues import create_app
+
+logger = logging.getLogger(__name__)
+
+
+class AIRuntime:
+    def __init__(self, settings: Settings, engine: Engine, config_path: Path | None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.config_path = config_path
+        self.redis: EmbeddedRedis | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.stop_event = threading.Event()
+        self.reconciler: threading.Thread | None = None
+        self.broker_url = settings.broker.url
+
+    def start(self) -> CompletionListener:
+        if not self.broker_url:
+            self.redis = EmbeddedRedis(self.settings.node.data_dir)
+            self.broker_url = self.redis.start()
+        app = create_app(self.settings, self.broker_url)
+
+        def send_task(name: str, item_id: int, queue: str, priority: int) -> None:
+            app.send_task(name, args=[item_id], queue=queue, priority=priority)
+
+        self.dispatcher = Dispatcher(self.settings, self.engine, send_task)
+        self.reconciler = threading.Thread(
+            target=self.dispatcher.run_reconciler, args=(self.stop_event,), name="reconciler"
+        )
+        self.reconciler.start()
+        if self.settings.worker.embedded:
+            self._start_worker()
+        return self.dispatcher.on_study_complete
+
+    def _start_worker(self) -> None:
+        env = {**os.environ, "PACS_AI_BROKER__URL": self.broker_url}
+        if self.config_path is not None:
+            env["PACS_AI_CONFIG"] = str(self.config_path.resolve())
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "pacs_ai", "worker"], env=env, stdin=subprocess.DEVNULL
+        )
+        logger.info("embedded worker started (pid %d)", self.worker.pid)
+
+    def supervise(self) -> None:
+        if self.worker is not None and self.worker.poll() is not None:
+            logger.error("embedded worker exited with %s; restarting", self.worker.returncode)
+            self._start_worker()
+
+    def stop(self, timeout_s: float) -> None:
+        self.stop_event.set()
+        if self.reconciler is not None:
+            self.reconciler.join()
+        if self.worker is not None:
+            # Celery's warm shutdown finishes the task in hand; a job cut short is taken back
+            # by the reconciler from its lease, so waiting is a courtesy, not a requirement.
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        if self.redis is not None:
+            self.redis.stop()

@@ -1,0 +1,235 @@
+"""The AI path end to end: a real PACS pushes a study, results come back into the same study.
+
+Orthanc (a real PACS) sends a generated chest CT to the node; the node assembles it, the
+default rule runs ct-organs-threshold on each axial series in a real Celery worker over the
+node's embedded Redis, and the SEG and SR go back to Orthanc by C-STORE.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from pacs_ai.phantoms.chest_ct import ChestTruth
+from tests.peers import NodeProcess, OrthancProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+# SEG label -> truth mask. The model's labels are exclusive, so its Body is body_rest.
+LABELS = {"Body": "body_rest", "Lungs": "lungs", "Bone": "bone"}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
+def dciodvfy_errors(data: bytes, tmp_path: Path, name: str) -> list[str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    result = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
+
+
+def results_in(orthanc: OrthancProcess, study_uid: str) -> dict[str, list[bytes]]:
+    found: dict[str, list[bytes]] = {"SEG": [], "SR": []}
+    for study in orthanc.get("/studies?expand"):
+        if study["MainDicomTags"].get("StudyInstanceUID") != study_uid:
+            continue
+        for series_id in study["Series"]:
+            series = orthanc.get(f"/series/{series_id}")
+            modality = series["MainDicomTags"].get("Modality")
+            if modality in found:
+                found[modality] += [
+                    orthanc.get_bytes(f"/instances/{i}/file") for i in series["Instances"]
+                ]
+    return found
+
+
+def setup_pacs_and_node(
+    node_factory: type[NodeProcess],
+    orthanc_factory: type[OrthancProcess],
+    tmp_path: Path,
+    **node_kwargs: Any,
+) -> tuple[OrthancProcess, NodeProcess]:
+    orthanc = orthanc_factory(tmp_path / "orthanc")
+    node = node_factory(
+        tmp_path / "node",
+        peers=[
+            {
+                "name": "orthanc",
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "send": True,
+                "receive": True,
+            }
+        ],
+        ai_worker=True,
+        **node_kwargs,
+    )
+    orthanc.modalities["pacsai"] = ["PACSAI", "127.0.0.1", node.port]
+    orthanc.start()
+    node.start()
+    return orthanc, node
+
+
+def test_study_from_orthanc_comes_back_with_seg_and_sr(
+    node_factory: type[NodeProcess],
+    orthanc_factory: type[OrthancProcess],
+    tmp_path: Path,
+    chest_ct: ChestTruth,
+) -> None:
+    orthanc, node = setup_pacs_and_node(node_factory, orthanc_factory, tmp_path)
+    orthanc.upload(chest_ct.files)
+    (study_id,) = orthanc.get("/studies")
+    orthanc.post("/modalities/pacsai/store", {"Resources": [study_id], "Synchronous": True})
+
+    axial = [chest_ct.series["AXIAL 1.25 SOFT TISSUE"], chest_ct.series["AXIAL 2.5 LUNG"]]
+
+    def both_back() -> bool:
+        found = results_in(orthanc, chest_ct.study_instance_uid)
+        return len(found["SEG"]) == 2 and len(found["SR"]) == 2
+
+    wait_for(both_back, 240, "a SEG and an SR per axial series in Orthanc", interval=2)
+    jobs = node.cli_json("jobs", "list")
+    assert sorted(j["state"] for j in jobs) == ["DELIVERED", "DELIVERED"]
+    assert {j["model"] for j in jobs} == {"ct-organs-threshold"}
+    found = results_in(orthanc, chest_ct.study_instance_uid)
+
+    for raw in found["SEG"]:
+        seg = hd.seg.segread(io.BytesIO(raw))
+        assert seg.StudyInstanceUID == chest_ct.study_instance_uid
+        assert "RESEARCH USE ONLY" in seg.SeriesDescription
+        assert dciodvfy_errors(raw, tmp_path, "seg.dcm") == []
+        source_series = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+        assert source_series in axial
+        truth = chest_ct.masks(source_series)
+        # Source instances in slice order (the phantom's files are written feet to head).
+        sources = sorted(
+            (dcmread(f, stop_before_pixels=True) for f in chest_ct.files),
+            key=lambda ds: float(ds.ImagePositionPatient[2]),
+        )
+        order = [ds.SOPInstanceUID for ds in sources if ds.SeriesInstanceUID == source_series]
+        for description in seg.SegmentSequence:
+            name = LABELS[description.SegmentLabel]
+            mask = _mask_by_source(seg, description.SegmentNumber, order)
+            score = dice(mask, truth[name])
+            assert score >= 0.99, f"{name} Dice {score:.4f} on {source_series}"
+
+    for raw in found["SR"]:
+        sr = hd.sr.srread(io.BytesIO(raw))
+        assert dciodvfy_errors(raw, tmp_path, "sr.dcm") == []
+        assert "RESEARCH USE ONLY" in sr.SeriesDescription
+        series_uid = _sr_source_series(sr)
+        volumes = _sr_volumes(sr)
+        geometry = chest_ct.geometries[series_uid]
+        voxel_ml = geometry.pixel_spacing_mm**2 * geometry.slice_thickness_mm / 1000
+        truth = chest_ct.masks(series_uid)
+        assert set(volumes) == {"body_rest", "lungs", "bone"}
+        for label, reported in volumes.items():
+            truth_ml = float(truth[label].sum()) * voxel_ml
+            assert abs(reported - truth_ml) / truth_ml <= 0.05, (label, reported, truth_ml)
+
+
+def _mask_by_source(seg: Any, segment_number: int, order: list[str]) -> np.ndarray:
+    """The segment as a (slice, row, column) array in the given source order."""
+    mask = np.zeros((len(order), seg.Rows, seg.Columns), dtype=bool)
+    index = {uid: k for k, uid in enumerate(order)}
+    pixels = seg.pixel_array
+    for frame, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        if number != segment_number:
+            continue
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        frame_pixels = pixels[frame] if pixels.ndim == 3 else pixels
+        mask[index[source]] = frame_pixels > 0
+    return mask
+
+
+def _sr_source_series(sr: Any) -> str:
+    for item in sr.CurrentRequestedProcedureEvidenceSequence:
+        for series in item.ReferencedSeriesSequence:
+            for ref in series.ReferencedSOPSequence:
+                if ref.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2":
+                    return str(series.SeriesInstanceUID)
+    raise AssertionError("the SR references no CT series")
+
+
+def _sr_volumes(sr: Any) -> dict[str, float]:
+    """Volume (SCT 118565006) per finding, keyed like the phantom's truth (body, lungs, bone)."""
+    volumes: dict[str, float] = {}
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        # The tracking identifier reads "<finding name> <n>".
+        name = str(group.tracking_identifier).split()[0]
+        for measurement in group.get_measurements():
+            if measurement.name.value == "118565006":
+                volumes[LABELS[name]] = float(measurement.value)
+    return volumes
+
+
+def running_job_worker(node: NodeProcess) -> tuple[int, int] | None:
+    """(job id, worker pid) of a RUNNING job, read straight from the node's index."""
+    import sqlite3
+
+    assert node.data_dir is not None
+    path = node.data_dir / "index.sqlite3"
+    if not path.exists():
+        return None
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+        row = conn.execute("SELECT id, worker FROM jobs WHERE state = 'RUNNING'").fetchone()
+    return None if row is None else (int(row[0]), int(row[1].rsplit(":", 1)[1]))
+
+
+def test_worker_killed_mid_job_is_retried_and_delivers_once(
+    node_factory: type[NodeProcess],
+    orthanc_factory: type[OrthancProcess],
+    tmp_path: Path,
+    chest_ct: ChestTruth,
+) -> None:
+    import os
+    import signal
+
+    orthanc, node = setup_pacs_and_node(
+        node_factory,
+        orthanc_factory,
+        tmp_path,
+        extra_worker={"lease_s": 3, "reconcile_interval_s": 0.5},
+    )
+    axial = [f for f in chest_ct.files if f.parent.name == "002"]
+    orthanc.upload(axial)
+    (study_id,) = orthanc.get("/studies")
+    orthanc.post("/modalities/pacsai/store", {"Resources": [study_id], "Synchronous": True})
+
+    running: tuple[int, int] | None = None
+
+    def job_running() -> bool:
+        nonlocal running
+        running = running_job_worker(node)
+        return running is not None
+
+    wait_for(job_running, 120, "a RUNNING job", interval=0.05)
+    assert running is not None
+    job_id, pid = running
+    os.kill(pid, signal.SIGKILL)  # the pool process doing the work, mid-job
+
+    wait_for(
+        lambda: node.cli_json("jobs", "show", str(job_id))["state"] == "DELIVERED",
+        180,
+        "the job to be retried and delivered",
+        interval=1,
+    )
+    job = node.cli_json("jobs", "show", str(job_id))
+    assert job["attempts"] == 2, job
+    found = results_in(orthanc, chest_ct.study_instance_uid)
+    # Exactly one SEG and one SR: the retry wrote the same SOP Instance UIDs.
+    assert (len(found["SEG"]), len(found["SR"])) == (1, 1)

@@ -1,0 +1,207 @@
+"""The job and delivery state machines on a real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from pacs_ai.config import PeerSettings
+from pacs_ai.dicom.header import read_header
+from pacs_ai.pipeline import jobs
+from pacs_ai.pipeline.facts import series_facts
+from pacs_ai.pipeline.route import DEFAULT_RULES, Priority, RuleSettings, evaluate
+from pacs_ai.storage import index
+from pacs_ai.storage.db import open_database
+from tests.databases import postgres_database
+from tests.realdata import real_file
+
+HEADER = read_header(real_file("CT_small.dcm").read_bytes())
+PACS = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, receive=True)
+MODALITY = PeerSettings(name="ct", ae_title="CT1", host="127.0.0.1", port=104, receive=False)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        eng = open_database(f"sqlite:///{tmp_path / 'i.sqlite3'}")
+        yield eng
+        eng.dispose()
+        return
+    with postgres_database() as url:
+        eng = open_database(url)
+        yield eng
+        eng.dispose()
+
+
+def study_with_series(engine: Engine, calling_ae: str = "PACS", slices: int = 25) -> int:
+    rec = index.InstanceRecorder(engine)
+    for n in range(slices):
+        rec.record(
+            replace(HEADER, sop_instance_uid=f"1.2.3.{n}", series_instance_uid="1.2.3"),
+            calling_ae,
+            f"{n}.dcm",
+            1,
+            1.0,
+        )
+    rec.record(
+        replace(
+            HEADER,
+            sop_instance_uid="1.2.4.1",
+            series_instance_uid="1.2.4",
+            image_type="ORIGINAL\\PRIMARY\\LOCALIZER",
+        ),
+        calling_ae,
+        "s.dcm",
+        1,
+        1.0,
+    )
+    (study,) = index.list_studies(engine)
+    return study.id
+
+
+def make_jobs(
+    engine: Engine, rules: tuple[RuleSettings, ...] = DEFAULT_RULES, calling_ae: str = "PACS"
+) -> list[int]:
+    study_id = study_with_series(engine, calling_ae)
+    facts = series_facts(engine, study_id)
+    specs, forwards = jobs.plan(
+        evaluate(rules, facts), facts, rules, study_id, calling_ae, 1, [PACS, MODALITY]
+    )
+    created, _ = jobs.create(engine, specs, forwards, max_attempts=2, delivery_attempts=2, now=10.0)
+    return [job_id for job_id, _ in created]
+
+
+def test_plan_runs_the_default_rule_on_the_axial_series_only(engine: Engine) -> None:
+    study_id = study_with_series(engine)
+    facts = series_facts(engine, study_id)
+    specs, forwards = jobs.plan(
+        evaluate(DEFAULT_RULES, facts), facts, DEFAULT_RULES, study_id, "PACS", 1, [PACS]
+    )
+    assert [(s.model, s.destinations) for s in specs] == [("ct-organs-threshold", ("pacs",))]
+    assert forwards == []
+    # Planned twice (a node restarted mid-way): nothing is created twice.
+    first, _ = jobs.create(engine, specs, forwards, 3, 3, now=1.0)
+    again, _ = jobs.create(engine, specs, forwards, 3, 3, now=2.0)
+    assert len(first) == 1 and again == []
+
+
+def test_results_go_back_only_to_a_sender_that_may_receive(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine, calling_ae="CT1")
+    claimed = jobs.claim(engine, job_id, "w1", 60, now=11.0)
+    assert claimed is not None and claimed.destinations == ()
+
+
+def test_forwards_become_deliveries(engine: Engine) -> None:
+    rule = RuleSettings(name="fwd", forward=("pacs",), forward_level="study")
+    study_id = study_with_series(engine)
+    facts = series_facts(engine, study_id)
+    specs, forwards = jobs.plan(
+        evaluate((rule,), facts), facts, (rule,), study_id, "PACS", 1, [PACS]
+    )
+    assert specs == [] and [(f.peer, f.kind) for f in forwards] == [("pacs", "STUDY")]
+    _, deliveries = jobs.create(engine, specs, forwards, 3, 3, now=1.0)
+    assert len(deliveries) == 1
+
+
+def test_only_one_worker_claims_a_job(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    assert jobs.claim(engine, job_id, "w1", lease_s=60, now=11.0) is not None
+    assert jobs.claim(engine, job_id, "w2", lease_s=60, now=12.0) is None
+    # The first worker died: once its lease runs out the job can be taken again.
+    redo = jobs.reconcile(engine, now=100.0, requeue_after_s=600)
+    assert [j for j, _ in redo.jobs] == [job_id]
+    second = jobs.claim(engine, job_id, "w2", lease_s=60, now=100.0)
+    assert second is not None and second.attempt == 2
+
+
+def test_failed_attempts_requeue_then_fail_with_reason(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    jobs.claim(engine, job_id, "w", 60, now=11.0)
+    assert jobs.fail_attempt(engine, job_id, "RuntimeError: boom", now=12.0) == "QUEUED"
+    jobs.claim(engine, job_id, "w", 60, now=13.0)
+    assert jobs.fail_attempt(engine, job_id, "RuntimeError: boom again", now=14.0) == "FAILED"
+    (row,) = jobs.job_rows(engine)
+    assert (row.state, row.attempts, row.reason) == ("FAILED", 2, "RuntimeError: boom again")
+    assert jobs.claim(engine, job_id, "w", 60, now=15.0) is None
+    assert jobs.retry(engine, job_id, now=16.0)
+    (row,) = jobs.job_rows(engine)
+    assert (row.state, row.attempts) == ("QUEUED", 0)
+
+
+def test_encoded_job_is_delivered_when_every_delivery_is_done(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    job = jobs.claim(engine, job_id, "w", 60, now=11.0)
+    assert job is not None
+    outputs = [
+        jobs.Output("SEG", "results/1/SEG.dcm", "2.25.1"),
+        jobs.Output("SR", "results/1/SR.dcm", "2.25.2"),
+    ]
+    ids = jobs.encoded(
+        engine,
+        job_id,
+        outputs,
+        job.destinations,
+        {"inference": 1.0},
+        "{}",
+        job.study_id,
+        3,
+        now=12.0,
+    )
+    assert len(ids) == 2
+    for n, delivery_id in enumerate(ids):
+        claimed = jobs.claim_delivery(engine, delivery_id, now=13.0)
+        assert claimed is not None
+        assert jobs.claim_delivery(engine, delivery_id, now=13.0) is None  # one sender only
+        jobs.delivered(engine, claimed, now=14.0)
+        (row,) = jobs.job_rows(engine)
+        assert row.state == ("ENCODED" if n == 0 else "DELIVERED")
+
+
+def test_delivery_backs_off_then_fails_visibly_and_can_be_retried(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    job = jobs.claim(engine, job_id, "w", 60, now=11.0)
+    assert job is not None
+    (delivery_id,) = jobs.encoded(
+        engine,
+        job_id,
+        [jobs.Output("SR", "r/SR.dcm", "2.25.9")],
+        job.destinations,
+        {},
+        "{}",
+        job.study_id,
+        2,
+        now=12.0,
+    )
+    claimed = jobs.claim_delivery(engine, delivery_id, now=20.0)
+    assert claimed is not None
+    assert jobs.delivery_failed(engine, claimed, "peer down", now=20.0, backoff_s=5) == 5
+    # Not due before its backoff has passed.
+    assert delivery_id not in jobs.reconcile(engine, now=24.0, requeue_after_s=600).deliveries
+    assert delivery_id in jobs.reconcile(engine, now=25.0, requeue_after_s=600).deliveries
+    claimed = jobs.claim_delivery(engine, delivery_id, now=25.0)
+    assert claimed is not None
+    assert jobs.delivery_failed(engine, claimed, "peer still down", now=25.0, backoff_s=5) is None
+    (row,) = jobs.delivery_rows(engine)
+    assert (row.state, row.last_error, row.attempts) == ("FAILED", "peer still down", 2)
+    assert jobs.retry_delivery(engine, delivery_id, now=30.0)
+    assert delivery_id in jobs.reconcile(engine, now=30.0, requeue_after_s=600).deliveries
+
+
+def test_lost_queue_messages_are_sent_again(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    assert [j for j, _ in jobs.reconcile(engine, now=11.0, requeue_after_s=60).jobs] == [job_id]
+    jobs.mark_enqueued(engine, [job_id], now=11.0)
+    assert jobs.reconcile(engine, now=30.0, requeue_after_s=60).jobs == []
+    # Redis lost its data: the job is still QUEUED long after it was enqueued.
+    assert jobs.reconcile(engine, now=80.0, requeue_after_s=60).jobs == [(job_id, Priority.ROUTINE)]
+
+
+def test_cancel_stops_a_job(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    assert jobs.cancel(engine, job_id, now=11.0)
+    assert jobs.claim(engine, job_id, "w", 60, now=12.0) is None
+    assert not jobs.cancel(engine, job_id, now=13.0)
