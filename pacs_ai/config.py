@@ -135,6 +135,17 @@ class PeerSettings(_Section):
     port: Port = 104
     send: bool = True
     receive: bool = True
+    # How the node sends to this peer: C-STORE, or STOW-RS at dicomweb_url.
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    dicomweb_url: str = ""
+
+    @model_validator(mode="after")
+    def _dicomweb_needs_url(self) -> PeerSettings:
+        if self.protocol == "dicomweb" and not self.dicomweb_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError('protocol = "dicomweb" needs dicomweb_url = "http(s)://host/root"')
+        return self
 
 
 class Settings(BaseSettings):

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from pacs_ai.config import PeerSettings
 from pacs_ai.dicom import scu
 from pacs_ai.dicom.status import describe
+from pacs_ai.dicomweb.client import stow
 from pacs_ai.errors import PacsAiError
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import WorkerContext
@@ -37,6 +39,36 @@ def _files(ctx: WorkerContext, delivery: ClaimedDelivery) -> list[Path]:
         return [settings.spool_dir / p for p in conn.execute(query).scalars()]
 
 
+def _c_store(ctx: WorkerContext, peer: PeerSettings, paths: list[Path]) -> str:
+    report = scu.SendReport()
+    files = scu.scan(paths, report)
+    scu.send(
+        files,
+        peer,
+        ctx.settings.node.ae_title,
+        1,
+        report,
+        timeout_s=ctx.settings.delivery.timeout_s,
+    )
+    if report.ok and files:
+        return ""
+    if not files:
+        return "nothing to send (no DICOM files)"
+    path, status, comment = report.failures[0]
+    code = f"0x{status:04X} ({describe(status)})" if status >= 0 else "no response"
+    return f"{peer.ae_title} answered {code} for {path.name}: {comment}"
+
+
+def _stow(url: str, paths: list[Path], timeout_s: float) -> str:
+    result = stow(url, paths, timeout_s)
+    if result.ok:
+        return ""
+    if result.failed:
+        uid, reason = result.failed[0]
+        return f"STOW-RS HTTP {result.status}: {uid} refused (reason 0x{reason:04X})"
+    return f"STOW-RS HTTP {result.status}"
+
+
 def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
     delivery = jobs.claim_delivery(ctx.engine, delivery_id, ctx.clock())
     if delivery is None:
@@ -47,24 +79,13 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
         error = f"peer {delivery.peer!r} is no longer configured"
     else:
         try:
-            report = scu.SendReport()
-            files = scu.scan(_files(ctx, delivery), report)
-            scu.send(
-                files,
-                peer,
-                ctx.settings.node.ae_title,
-                1,
-                report,
-                timeout_s=ctx.settings.delivery.timeout_s,
-            )
-            if not files:
+            paths = _files(ctx, delivery)
+            if not paths:
                 error = "nothing to send (files missing)"
-            elif not report.ok:
-                path, status, comment = report.failures[0]
-                error = (
-                    f"{peer.ae_title} answered 0x{status & 0xFFFF:04X} ({describe(status)}) "
-                    f"for {path.name}: {comment}"
-                )
+            elif peer.protocol == "dicomweb":
+                error = _stow(peer.dicomweb_url, paths, ctx.settings.delivery.timeout_s)
+            else:
+                error = _c_store(ctx, peer, paths)
         except PacsAiError as exc:
             error = str(exc)
         except OSError as exc:
