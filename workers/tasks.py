@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from functools import cache
 
+from celery.signals import worker_process_init
+
 from pacs_ai.pipeline.deliver import run_delivery
 from pacs_ai.pipeline.infer import ModelCache, WorkerContext, resolve_device, run_job
 from pacs_ai.storage.db import open_database
@@ -37,6 +39,13 @@ def context() -> WorkerContext:
         enqueue_delivery=lambda i: _send(SEND_TASK, i, "send", 5),
         enqueue_job_retry=lambda i: _send(INFER_TASK, i, "infer", 5),
     )
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _warm_up(**_: object) -> None:
+    # Build the context when the pool process starts, not when the first job arrives: the
+    # first study should not wait for imports and a database connection.
+    context()
 
 
 @app.task(name=INFER_TASK)  # type: ignore[untyped-decorator]
