@@ -205,3 +205,45 @@ def test_cancel_stops_a_job(engine: Engine) -> None:
     assert jobs.cancel(engine, job_id, now=11.0)
     assert jobs.claim(engine, job_id, "w", 60, now=12.0) is None
     assert not jobs.cancel(engine, job_id, now=13.0)
+
+
+def test_our_own_results_are_never_routed_again(engine: Engine, tmp_path: Path) -> None:
+    from pacs_ai.config import load_settings
+    from pacs_ai.pipeline.assemble import Assembler
+    from pacs_ai.pipeline.dispatch import Dispatcher
+
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        '[[rules]]\nname = "everything"\nforward = ["pacs"]\n'  # no conditions: matches all
+    )
+    sent: list[tuple[str, int]] = []
+    dispatcher = Dispatcher(
+        load_settings(config), engine, lambda t, i, q, p: sent.append((t, i)), clock=lambda: 100.0
+    )
+    rec = index.InstanceRecorder(engine)
+    # A PACS sends back a study holding a CT series and our own SEG of it.
+    rec.record(
+        replace(HEADER, sop_instance_uid="1.9.1", series_instance_uid="1.9"),
+        "PACS",
+        "a.dcm",
+        1,
+        1.0,
+    )
+    rec.record(
+        replace(
+            HEADER,
+            sop_instance_uid="1.9.2",
+            series_instance_uid="1.8",
+            modality="SEG",
+            manufacturer="pacs-ai",
+        ),
+        "PACS",
+        "b.dcm",
+        1,
+        1.0,
+    )
+    Assembler(engine, 1, [dispatcher.on_study_complete], clock=lambda: 100.0).poll()
+    forwarded = {r.payload for r in jobs.delivery_rows(engine)}
+    assert forwarded == {"1.9"}  # the CT series; the SEG is ours and stays put
+    assert [task for task, _ in sent] == ["pacs_ai.send"]
