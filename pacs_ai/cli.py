@@ -105,6 +105,9 @@ def serve(config: ConfigOption = None) -> None:
     settings = _settings(config)
     try:
         Node(settings, config_path=config_path(config)).run()
+    except ConfigError as exc:
+        _print_config_error(exc)
+        raise typer.Exit(2) from None
     except PacsAiError as exc:
         _fail(str(exc))
 
@@ -416,9 +419,14 @@ def studies_show(
 @rules_app.command("check")
 def rules_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Validate the routing rules: syntax, peers, and that every model is installed."""
-    from pacs_ai.models.registry import available
+    from pacs_ai.errors import ModelLoadError
+    from pacs_ai.models.registry import available, register_dirs
 
     settings = _settings(config)
+    try:
+        register_dirs(settings.models.paths)
+    except ModelLoadError as exc:
+        _fail(str(exc), 2)
     models = available()
     problems = [
         f"rule {rule.name!r}: model {model!r} is not installed (installed: {', '.join(models)})"

@@ -126,6 +126,12 @@ class DeliverySettings(_Section):
     timeout_s: float = Field(60.0, gt=0)
 
 
+class ModelsSettings(_Section):
+    """``[models]``: folders of models an administrator installed (trusted code, see README)."""
+
+    paths: tuple[Path, ...] = ()
+
+
 class PeerSettings(_Section):
     """``[[peers]]``: a PACS or modality the node talks to."""
 
@@ -161,6 +167,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()
+    models: ModelsSettings = ModelsSettings()
     peers: tuple[PeerSettings, ...] = ()
     # With no [[rules]] in the file the node runs DEFAULT_RULES (CT -> ct-organs-threshold).
     rules: tuple[RuleSettings, ...] = DEFAULT_RULES

@@ -10,12 +10,15 @@
      ├── PeerAddressError       an ``AE@host:port`` string could not be parsed
      ├── NotAVolume             a series cannot become a 3D volume (the reason says why)
      ├── NetworkError           a DICOM peer could not be reached or refused us
+     ├── ModelLoadError         a model folder (manifest, network file, bundle) cannot be loaded
      └── UnknownModel           no installed or registered model has the name asked for
 
 Every error carries a message that names what is wrong and, where we can, how to fix it.
 """
 
 from __future__ import annotations
+
+from os import PathLike
 
 
 class PacsAiError(Exception):
@@ -84,3 +87,16 @@ class UnknownModel(PacsAiError):
         self.known = known
         choices = ", ".join(known) if known else "none are installed"
         super().__init__(f"unknown model {name!r}; known models: {choices}")
+
+
+class ModelLoadError(PacsAiError):
+    """A model folder cannot be loaded.
+
+    ``path`` is the file (or folder) at fault and ``problem`` says what is wrong with it and,
+    where we can, what to do, e.g. ``manifest.json: labels[0].category: missing field 'scheme'``.
+    """
+
+    def __init__(self, path: str | PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")

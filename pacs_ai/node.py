@@ -26,7 +26,7 @@ import pydicom.config
 
 from pacs_ai.config import Settings
 from pacs_ai.dicom.scp import Receiver
-from pacs_ai.errors import NetworkError
+from pacs_ai.errors import ConfigError, NetworkError
 from pacs_ai.pipeline.assemble import Assembler, CompletionListener
 from pacs_ai.pipeline.runtime import AIRuntime
 from pacs_ai.storage.db import open_database
@@ -79,6 +79,25 @@ def _check_port_free(settings: Settings) -> None:
         ) from None
     finally:
         probe.close()
+
+
+def _check_rule_models(settings: Settings) -> None:
+    """Refuse to start when a rule names a model that is not installed."""
+    from pacs_ai.models.registry import available, register_dirs
+
+    register_dirs(settings.models.paths)
+    installed = available()
+    problems = [
+        (
+            f"rules.{rule.name}",
+            f"model {model!r} is not installed (installed: {', '.join(installed)})",
+        )
+        for rule in settings.rules
+        for model in rule.models
+        if model not in installed
+    ]
+    if problems:
+        raise ConfigError(problems, "rules")
 
 
 def _receiver_process(
@@ -177,6 +196,7 @@ class Node:
     def run(self) -> None:
         settings = self.settings
         configure_process(settings)
+        _check_rule_models(settings)
         _check_port_free(settings)
         ingest = make_ingest(settings, run_migrations=True)
         runtime = AIRuntime(settings, ingest.engine, self.config_path) if self.ai_path else None

@@ -190,3 +190,22 @@ def test_bad_config_never_starts_the_node(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "node.dicom_port" in result.stderr
     assert not (tmp_path / "pacs-ai-data").exists()
+
+
+def test_a_rule_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[rules]]\nname = "x"\nmodels = ["no-such-model"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pacs_ai", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no-such-model" in result.stderr and "ct-organs-threshold" in result.stderr
+    check = subprocess.run(
+        [sys.executable, "-m", "pacs_ai", "rules", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 2 and "no-such-model" in check.stderr

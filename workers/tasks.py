@@ -11,6 +11,7 @@ from functools import cache
 
 from celery.signals import worker_process_init
 
+from pacs_ai.models.registry import register_dirs
 from pacs_ai.pipeline.deliver import run_delivery
 from pacs_ai.pipeline.infer import ModelCache, WorkerContext, resolve_device, run_job
 from pacs_ai.storage.db import open_database
@@ -28,6 +29,7 @@ def context() -> WorkerContext:
     from pacs_ai.config import load_settings
 
     settings = load_settings()
+    register_dirs(settings.models.paths)
     device = resolve_device(settings.worker.device)
     logger.info(
         "worker context: device %s, database %s", device, settings.database_url.split("@")[-1]

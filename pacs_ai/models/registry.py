@@ -8,6 +8,10 @@ Models come from three places, the first that knows a name winning:
 3. the built-in table :data:`pacs_ai.models.builtin.BUILTIN_MODELS`, so that a checkout
    without installed entry points still finds the built-ins.
 
+Model folders from disk (TorchScript, torch.export, ONNX, MONAI bundles; see
+:mod:`pacs_ai.models.loaders`) join the first group through :meth:`ModelRegistry.register_dirs`,
+which the node calls with the folders its configuration lists.
+
 A factory is anything that, called with no arguments, returns a :class:`~pacs_ai.models.base.Model`:
 usually the model class itself. Constructing a model must be cheap; weights are read in
 ``load(device)``. :meth:`ModelRegistry.create` imports only the module of the model asked for;
@@ -19,8 +23,9 @@ module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import TypeVar
 
 from pacs_ai.errors import UnknownModel
@@ -61,6 +66,24 @@ class ModelRegistry:
         """Make ``factory``'s model available under its manifest's name; usable as a decorator."""
         self._registered[manifest_of(factory).name] = factory
         return factory
+
+    def register_dirs(self, paths: Sequence[Path]) -> list[str]:
+        """Register every model folder in ``paths``; return the names of the models found.
+
+        Each path is a model folder or holds model folders one level down. Any folder that
+        cannot be read raises :class:`~pacs_ai.errors.ModelLoadError` and registers nothing.
+        """
+        # Imported here: the loaders pull in scipy, which a registry of built-ins never needs.
+        from pacs_ai.models.loaders import discover
+
+        found = discover(paths)
+        sources = self._sources()
+        for model_dir in found:
+            name = model_dir.manifest.name
+            if name in sources:
+                logger.warning("model folder %s replaces the model %s", model_dir.path, name)
+            self.register(model_dir)
+        return [model_dir.manifest.name for model_dir in found]
 
     def names(self) -> list[str]:
         """Every known model name, sorted, without importing any model."""
@@ -138,3 +161,8 @@ def create(name: str) -> Model:
 def register(factory: F) -> F:
     """Add a model factory to the process-wide registry; see :meth:`ModelRegistry.register`."""
     return _default.register(factory)
+
+
+def register_dirs(paths: Sequence[Path]) -> list[str]:
+    """Register model folders process-wide; see :meth:`ModelRegistry.register_dirs`."""
+    return _default.register_dirs(paths)
