@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
-from tests.peers import NodeProcess, OrthancProcess, wait_for
+from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
 
 STAGES = ("receive", "quiet", "dispatch", "queue wait", "volume", "inference", "encode", "delivery")
 
@@ -46,16 +46,7 @@ def _node(workdir: Path, orthanc: OrthancProcess, model: str, quiet_s: float) ->
         workdir,
         quiet_period_s=quiet_s,
         receivers=0,
-        peers=[
-            {
-                "name": "orthanc",
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": orthanc.dicom_port,
-                "send": True,
-                "receive": True,
-            }
-        ],
+        peers=[orthanc_as_peer(orthanc)],
         ai_worker=True,
         extra_worker={"reconcile_interval_s": 1},
     )
@@ -93,10 +84,8 @@ def _stages(node: NodeProcess, sent_at: float) -> dict[str, float]:
 def run_once(work: Path, files: list[Path], model: str, quiet_s: float) -> dict[str, float]:
     orthanc = OrthancProcess(work / "orthanc")
     node = _node(work / "node", orthanc, model, quiet_s)
-    orthanc.modalities["pacsai"] = ["PACSAI", "127.0.0.1", node.port]
-    orthanc.start()
     try:
-        node.start()
+        pacs_and_node(orthanc, node)
         sent_at = time.time()
         subprocess.run(
             [

@@ -319,6 +319,15 @@ def _engine(settings: Settings) -> Any:
         _fail(str(exc))
 
 
+def _receptions(engine: Any, study_uid: str) -> list[Any]:
+    from pacs_ai.storage import index
+
+    found = index.find_studies(engine, study_uid)
+    if not found:
+        _fail(f"no study {study_uid} on this node (see `pacs-ai studies list`)")
+    return found
+
+
 @studies_app.command("list")
 def studies_list(
     config: ConfigOption = None,
@@ -371,11 +380,8 @@ def studies_show(
     """One study: state, counts, and its series."""
     from pacs_ai.storage import index
 
-    settings = _settings(config)
-    engine = _engine(settings)
-    found = index.find_studies(engine, study_uid)
-    if not found:
-        _fail(f"no study {study_uid} on this node (see `pacs-ai studies list`)")
+    engine = _engine(_settings(config))
+    found = _receptions(engine, study_uid)
     if json_out:
         _dump(
             [
@@ -479,13 +485,10 @@ def rules_explain(
     """For each rule and series of a study: matched or not, and which condition decided."""
     from pacs_ai.pipeline.facts import series_facts
     from pacs_ai.pipeline.route import explain
-    from pacs_ai.storage import index
 
     settings = _settings(config)
     engine = _engine(settings)
-    receptions = index.find_studies(engine, study_uid)
-    if not receptions:
-        _fail(f"no study {study_uid} on this node (see `pacs-ai studies list`)")
+    receptions = _receptions(engine, study_uid)
     report = []
     for reception in receptions:
         facts = series_facts(engine, reception.id)

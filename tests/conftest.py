@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pydicom.config
 import pytest
+from sqlalchemy import Engine
 
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
+from pacs_ai.storage.db import open_database
 from tests.databases import postgres_database
 from tests.peers import DCMTK, ORTHANC, NodeProcess, OrthancProcess
 
@@ -71,3 +73,17 @@ def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A migrated index database: SQLite, and PostgreSQL where one is reachable."""
+    if request.param == "sqlite":
+        eng = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+        yield eng
+        eng.dispose()
+        return
+    with postgres_database() as url:
+        eng = open_database(url)
+        yield eng
+        eng.dispose()

@@ -252,3 +252,23 @@ class OrthancProcess:
             self.process.wait()
         self.process = None
         self.log.close()
+
+
+def orthanc_as_peer(orthanc: OrthancProcess) -> dict[str, Any]:
+    """The [[peers]] entry by which a node knows this Orthanc (sends to it, takes from it)."""
+    return {
+        "name": "orthanc",
+        "ae_title": orthanc.ae_title,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "send": True,
+        "receive": True,
+    }
+
+
+def pacs_and_node(orthanc: OrthancProcess, node: NodeProcess) -> tuple[OrthancProcess, NodeProcess]:
+    """Start an Orthanc that knows the node as modality "pacsai", then the node."""
+    orthanc.modalities["pacsai"] = [node.ae_title, "127.0.0.1", node.port]
+    orthanc.start()
+    node.start()
+    return orthanc, node

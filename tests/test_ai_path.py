@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
-from tests.peers import NodeProcess, OrthancProcess, wait_for
+from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -63,24 +63,9 @@ def setup_pacs_and_node(
 ) -> tuple[OrthancProcess, NodeProcess]:
     orthanc = orthanc_factory(tmp_path / "orthanc")
     node = node_factory(
-        tmp_path / "node",
-        peers=[
-            {
-                "name": "orthanc",
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": orthanc.dicom_port,
-                "send": True,
-                "receive": True,
-            }
-        ],
-        ai_worker=True,
-        **node_kwargs,
+        tmp_path / "node", peers=[orthanc_as_peer(orthanc)], ai_worker=True, **node_kwargs
     )
-    orthanc.modalities["pacsai"] = ["PACSAI", "127.0.0.1", node.port]
-    orthanc.start()
-    node.start()
-    return orthanc, node
+    return pacs_and_node(orthanc, node)
 
 
 def test_study_from_orthanc_comes_back_with_seg_and_sr(

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, text
@@ -15,21 +12,7 @@ from pacs_ai.dicom.header import read_header
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, metadata
-from tests.databases import postgres_database
 from tests.realdata import real_file
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-        yield eng
-        eng.dispose()
-        return
-    with postgres_database() as url:
-        eng = open_database(url)
-        yield eng
-        eng.dispose()
 
 
 def test_migrations_build_exactly_the_schema(engine: Engine) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine
 
 from pacs_ai.config import PeerSettings
@@ -15,26 +13,11 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.facts import series_facts
 from pacs_ai.pipeline.route import DEFAULT_RULES, Priority, RuleSettings, evaluate
 from pacs_ai.storage import index
-from pacs_ai.storage.db import open_database
-from tests.databases import postgres_database
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
 PACS = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, receive=True)
 MODALITY = PeerSettings(name="ct", ae_title="CT1", host="127.0.0.1", port=104, receive=False)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = open_database(f"sqlite:///{tmp_path / 'i.sqlite3'}")
-        yield eng
-        eng.dispose()
-        return
-    with postgres_database() as url:
-        eng = open_database(url)
-        yield eng
-        eng.dispose()
 
 
 def study_with_series(engine: Engine, calling_ae: str = "PACS", slices: int = 25) -> int:

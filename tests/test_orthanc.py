@@ -8,7 +8,14 @@ import pytest
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
-from tests.peers import NodeProcess, OrthancProcess, dcmtk, wait_for
+from tests.peers import (
+    NodeProcess,
+    OrthancProcess,
+    dcmtk,
+    orthanc_as_peer,
+    pacs_and_node,
+    wait_for,
+)
 from tests.realdata import dataset_bytes
 
 pytestmark = pytest.mark.slow
@@ -24,21 +31,11 @@ def test_orthanc_pushes_a_study_and_the_node_assembles_it(
     # Only Orthanc, from its host, may send: the node's allow-list is on.
     node = node_factory(
         tmp_path / "node",
-        peers=[
-            {
-                "name": "orthanc",
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": orthanc.dicom_port,
-                "send": True,
-                "receive": True,
-            }
-        ],
+        peers=[orthanc_as_peer(orthanc)],
         extra_node={"require_known_peers": True},
         probe_ae="ORTHANC",
-    ).start()
-    orthanc.modalities["pacsai"] = ["PACSAI", "127.0.0.1", node.port]
-    orthanc.start()
+    )
+    pacs_and_node(orthanc, node)
 
     orthanc.upload(chest_ct.files)
     (study_id,) = orthanc.get("/studies")

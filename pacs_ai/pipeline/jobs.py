@@ -162,28 +162,54 @@ def create(
             if row is not None:
                 job_ids.append((int(row.id), spec.priority))
         for fwd in forwards:
-            row = conn.execute(
-                insert(deliveries)
-                .values(
-                    job_id=None,
-                    study_id=fwd.study_id,
-                    peer=fwd.peer,
-                    kind=fwd.kind,
-                    payload=fwd.payload,
-                    sop_instance_uid="",
-                    state=PENDING,
-                    attempts=0,
-                    max_attempts=delivery_attempts,
-                    last_error="",
-                    created_at=now,
-                    updated_at=now,
-                )
-                .on_conflict_do_nothing()
-                .returning(deliveries.c.id)
-            ).first()
-            if row is not None:
-                delivery_ids.append(int(row.id))
+            added = _add_delivery(
+                conn,
+                None,
+                fwd.study_id,
+                fwd.peer,
+                fwd.kind,
+                fwd.payload,
+                "",
+                delivery_attempts,
+                now,
+            )
+            if added is not None:
+                delivery_ids.append(added)
     return job_ids, delivery_ids
+
+
+def _add_delivery(
+    conn: Any,
+    job_id: int | None,
+    study_id: int,
+    peer: str,
+    kind: str,
+    payload: str,
+    sop_instance_uid: str,
+    max_attempts: int,
+    now: float,
+) -> int | None:
+    """Insert one PENDING delivery unless the same one exists; return its id if added."""
+    row = conn.execute(
+        _insert_ignore(conn)(deliveries)
+        .values(
+            job_id=job_id,
+            study_id=study_id,
+            peer=peer,
+            kind=kind,
+            payload=payload,
+            sop_instance_uid=sop_instance_uid,
+            state=PENDING,
+            attempts=0,
+            max_attempts=max_attempts,
+            last_error="",
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing()
+        .returning(deliveries.c.id)
+    ).first()
+    return None if row is None else int(row.id)
 
 
 @dataclass(frozen=True)
@@ -341,31 +367,22 @@ def encoded(
         ).rowcount
         if not moved:
             return []  # canceled meanwhile, or another attempt already finished
-        insert = _insert_ignore(conn)
         ids = []
         for peer in destinations:
             for out in outputs:
-                row = conn.execute(
-                    insert(deliveries)
-                    .values(
-                        job_id=job_id,
-                        study_id=study_id,
-                        peer=peer,
-                        kind=out.kind,
-                        payload=out.path,
-                        sop_instance_uid=out.sop_instance_uid,
-                        state=PENDING,
-                        attempts=0,
-                        max_attempts=delivery_attempts,
-                        last_error="",
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .on_conflict_do_nothing()
-                    .returning(deliveries.c.id)
-                ).first()
-                if row is not None:
-                    ids.append(int(row.id))
+                added = _add_delivery(
+                    conn,
+                    job_id,
+                    study_id,
+                    peer,
+                    out.kind,
+                    out.path,
+                    out.sop_instance_uid,
+                    delivery_attempts,
+                    now,
+                )
+                if added is not None:
+                    ids.append(added)
     return ids
 
 
