@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -15,6 +16,16 @@ from tests.peers import NodeProcess, wait_for
 from tests.realdata import dataset_bytes
 
 pytestmark = pytest.mark.slow
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, children first seen from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    os.kill(pid, signal.SIGKILL)
+    for kid in kids:
+        if Path(f"/proc/{kid}").exists():
+            _kill_tree(int(kid))
 
 
 def send_until_refused(
@@ -32,9 +43,17 @@ def send_until_refused(
         return  # association refused: the node had already stopped listening
 
 
-@pytest.mark.parametrize("receivers", [1, 2])
-def test_sigterm_during_ingest_keeps_every_acknowledged_instance(
-    node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth, receivers: int
+@pytest.mark.parametrize(
+    "receivers, signum",
+    [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGKILL)],
+    ids=["sigterm-1-receiver", "sigterm-2-receivers", "sigkill-2-receivers"],
+)
+def test_stopping_or_killing_during_ingest_keeps_every_acknowledged_instance(
+    node_factory: type[NodeProcess],
+    tmp_path: Path,
+    chest_ct: ChestTruth,
+    receivers: int,
+    signum: signal.Signals,
 ) -> None:
     node = node_factory(
         tmp_path / "node", receivers=receivers, extra_node={"drain_timeout_s": 0.5}
@@ -49,9 +68,14 @@ def test_sigterm_during_ingest_keeps_every_acknowledged_instance(
     for t in senders:
         t.start()
     wait_for(lambda: len(acked) >= 40, 60, "40 acknowledged instances")
-    node.signal(signal.SIGTERM)
     assert node.process is not None
-    assert node.process.wait(30) == 0
+    if signum == signal.SIGKILL:
+        # Kill the whole node at once, receivers included: no handler runs, nothing drains.
+        _kill_tree(node.process.pid)
+        node.process.wait(30)
+    else:
+        node.signal(signal.SIGTERM)
+        assert node.process.wait(30) == 0
     for t in senders:
         t.join(60)
     node.stop()
@@ -69,8 +93,13 @@ def test_sigterm_during_ingest_keeps_every_acknowledged_instance(
             / f"{ds.SOPInstanceUID}.dcm"
         )
         assert dataset_bytes(kept.read_bytes()) == dataset_bytes(path.read_bytes())
-    assert list((node.data_dir / "tmp").iterdir()) == []
+    if signum != signal.SIGKILL:
+        assert list((node.data_dir / "tmp").iterdir()) == []
+    # No half-written file ever stands under its final name: every .dcm in the spool is whole.
+    for path in (node.data_dir / "studies").rglob("*.dcm"):
+        dcmread(path)
     node.start()
+    assert list((node.data_dir / "tmp").iterdir()) == []  # a restart clears what was never acked
     indexed = node.cli_json("status")["counts"]["instances"]
     assert indexed >= len(acked)
 
