@@ -10,7 +10,7 @@ PIP_FLAGS ?= -q
 # dcmtk's tools (storescu, storescp) and Orthanc, which embeds dcmtk, leave Nagle on otherwise.
 export TCP_NODELAY := 1
 
-.PHONY: run test install system-deps lint typecheck unit bench clean
+.PHONY: run test install system-deps lint typecheck unit bench train-nodules clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: install system-deps lint typecheck
 
 bench: install system-deps
 	$(PY) bench/ingest.py
+	$(PY) bench/latency.py
+
+# Retrain the lung-nodule-demo weights shipped in pacs_ai/models/weights/ (CPU, minutes).
+train-nodules: install
+	$(PY) -m pacs_ai.models.nodules.train --out pacs_ai/models/weights/lung_nodule_demo.pt
 
 clean:
 	rm -rf $(VENV) pacs-ai-data .pytest_cache .mypy_cache .ruff_cache

@@ -16,5 +16,6 @@ from typing import Final
 BUILTIN_MODELS: Final[Mapping[str, str]] = MappingProxyType(
     {
         "ct-organs-threshold": "pacs_ai.models.builtin.ct_organs_threshold:CtOrgansThreshold",
+        "lung-nodule-demo": "pacs_ai.models.builtin.lung_nodule_demo:LungNoduleDemo",
     }
 )
