@@ -49,12 +49,11 @@ def _node(workdir: Path, orthanc: OrthancProcess, model: str, quiet_s: float) ->
         peers=[orthanc_as_peer(orthanc)],
         ai_worker=True,
         extra_worker={"reconcile_interval_s": 1},
+        extra_toml=(
+            f'[[rules]]\nname = "bench"\nmodels = ["{model}"]\nresults_to = ["orthanc"]\n'
+            'match = { Modality = "CT", NumberOfSeriesRelatedInstances = { min = 20 } }\n'
+        ),
     )
-    rule = (
-        '[[rules]]\nname = "bench"\nmodels = ["' + model + '"]\nresults_to = ["orthanc"]\n'
-        'match = { Modality = "CT", NumberOfSeriesRelatedInstances = { min = 20 } }\n'
-    )
-    node.config.write_text(node.config.read_text() + rule)
     return node
 
 

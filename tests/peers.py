@@ -74,6 +74,7 @@ class NodeProcess:
     database_url: str = ""
     extra_worker: dict[str, Any] = field(default_factory=dict)
     ai_worker: bool = False
+    extra_toml: str = ""  # appended verbatim, e.g. [[rules]] tables
     data_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
@@ -105,7 +106,7 @@ class NodeProcess:
         for peer in self.peers:
             lines.append("[[peers]]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in peer.items()]
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text("\n".join(lines) + "\n" + self.extra_toml)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

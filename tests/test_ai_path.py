@@ -131,8 +131,11 @@ def _mask_by_source(seg: Any, segment_number: int, order: list[str]) -> np.ndarr
     mask = np.zeros((len(order), seg.Rows, seg.Columns), dtype=bool)
     index = {uid: k for k, uid in enumerate(order)}
     pixels = seg.pixel_array
+    shared = seg.SharedFunctionalGroupsSequence[0]
     for frame, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        # With one segment, highdicom puts its identification in the shared groups.
+        ident = item if "SegmentIdentificationSequence" in item else shared
+        number = ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber
         if number != segment_number:
             continue
         source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -218,3 +221,80 @@ def test_worker_killed_mid_job_is_retried_and_delivers_once(
     found = results_in(orthanc, chest_ct.study_instance_uid)
     # Exactly one SEG and one SR: the retry wrote the same SOP Instance UIDs.
     assert (len(found["SEG"]), len(found["SR"])) == (1, 1)
+
+
+NODULE_RULES = """
+[[rules]]
+name = "organs"
+models = ["ct-organs-threshold"]
+match = { Modality = "CT", NumberOfSeriesRelatedInstances = { min = 20 } }
+
+[[rules]]
+name = "nodules"
+priority = "STAT"
+models = ["lung-nodule-demo"]
+match.Modality = "CT"
+match.BodyPartExamined = "CHEST"
+match.NumberOfSeriesRelatedInstances = { min = 20 }
+"""
+
+
+def test_both_models_on_a_chest_with_nodules(
+    node_factory: type[NodeProcess], orthanc_factory: type[OrthancProcess], tmp_path: Path
+) -> None:
+    from pacs_ai.phantoms.chest_ct import Geometry, Nodule, write_chest_ct
+
+    truth = write_chest_ct(
+        tmp_path / "study",
+        Geometry(slices=96),
+        seed=7,
+        with_lung_series=False,
+        with_scout=False,
+        nodules=(Nodule((-72.0, -5.0, -140.0), 6.0), Nodule((70.0, 20.0, -130.0), 4.5)),
+    )
+    orthanc, node = setup_pacs_and_node(
+        node_factory, orthanc_factory, tmp_path, extra_toml=NODULE_RULES
+    )
+    orthanc.upload(truth.files)
+    (study_id,) = orthanc.get("/studies")
+    orthanc.post("/modalities/pacsai/store", {"Resources": [study_id], "Synchronous": True})
+
+    def all_back() -> bool:
+        found = results_in(orthanc, truth.study_instance_uid)
+        return len(found["SEG"]) == 2 and len(found["SR"]) == 2
+
+    wait_for(all_back, 300, "a SEG and an SR from each model in Orthanc", interval=2)
+    jobs = {j["model"]: j for j in node.cli_json("jobs", "list")}
+    assert {m: j["state"] for m, j in jobs.items()} == {
+        "ct-organs-threshold": "DELIVERED",
+        "lung-nodule-demo": "DELIVERED",
+    }
+    assert jobs["lung-nodule-demo"]["priority"] == "STAT"
+    assert jobs["lung-nodule-demo"]["findings"]["present"] is True
+
+    series_uid = next(iter(truth.geometries))
+    order = [
+        ds.SOPInstanceUID
+        for ds in sorted(
+            (dcmread(f, stop_before_pixels=True) for f in truth.files),
+            key=lambda ds: float(ds.ImagePositionPatient[2]),
+        )
+    ]
+    found = results_in(orthanc, truth.study_instance_uid)
+    nodule_seg = next(
+        seg
+        for seg in (hd.seg.segread(io.BytesIO(raw)) for raw in found["SEG"])
+        if seg.SegmentSequence[0].SegmentLabel == "Nodule"
+    )
+    mask = _mask_by_source(nodule_seg, 1, order)
+    score = dice(mask, truth.masks(series_uid)["nodules"])
+    assert score >= 0.8, f"nodule Dice {score:.3f}"
+    for raw in found["SR"]:
+        assert dciodvfy_errors(raw, tmp_path, "sr.dcm") == []
+    for raw in found["SEG"]:
+        assert dciodvfy_errors(raw, tmp_path, "seg.dcm") == []
+    reported = sorted(f["volume_ml"] for f in jobs["lung-nodule-demo"]["findings"]["findings"])
+    expected = sorted(n.volume_ml for n in truth.nodules)
+    assert len(reported) == 2
+    for got, want in zip(reported, expected, strict=True):
+        assert abs(got - want) / want <= 0.25, (got, want)

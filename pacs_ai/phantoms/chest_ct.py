@@ -40,6 +40,18 @@ class Geometry:
     z0_mm: float = -200.0
 
 
+@dataclass(frozen=True)
+class Nodule:
+    """A solid spherical nodule, centre in LPS millimetres (x, y, z)."""
+
+    center_mm: tuple[float, float, float]
+    radius_mm: float
+
+    @property
+    def volume_ml(self) -> float:
+        return 4.0 / 3.0 * np.pi * self.radius_mm**3 / 1000.0
+
+
 @dataclass
 class ChestTruth:
     """What the phantom holds, in millilitres, per written series UID."""
@@ -51,6 +63,7 @@ class ChestTruth:
     )  # series UID -> label -> ml
     files: list[Path] = field(default_factory=list)
     geometries: dict[str, Geometry] = field(default_factory=dict)  # series UID -> geometry
+    nodules: tuple[Nodule, ...] = ()
 
     def masks(self, series_uid: str) -> dict[str, NDArray[np.bool_]]:
         """The true body / lungs / bone masks of a series, (slice, row, column), feet to head.
@@ -58,18 +71,21 @@ class ChestTruth:
         The masks overlap (lungs and bone lie inside the body); ``body_rest`` is the body
         without them, what a one-label-per-voxel segmentation calls body.
         """
-        masks = truth_masks(self.geometries[series_uid])
+        masks = truth_masks(self.geometries[series_uid], self.nodules)
         masks["body_rest"] = masks["body"] & ~masks["lungs"] & ~masks["bone"]
         return masks
 
 
-def truth_masks(geom: Geometry) -> dict[str, NDArray[np.bool_]]:
+def truth_masks(geom: Geometry, nodules: tuple[Nodule, ...] = ()) -> dict[str, NDArray[np.bool_]]:
     """The phantom's structures sampled at the slice centres of ``geom``."""
-    return _masks(geom, geom.z0_mm + (np.arange(geom.slices) + 0.5) * geom.slice_thickness_mm)
+    z = geom.z0_mm + (np.arange(geom.slices) + 0.5) * geom.slice_thickness_mm
+    return _masks(geom, z, nodules)
 
 
-def _masks(geom: Geometry, z_mm: NDArray[np.floating[Any]]) -> dict[str, NDArray[np.bool_]]:
-    """Boolean masks (z, y, x) of body, lungs and bone at the slice centres ``z_mm``."""
+def _masks(
+    geom: Geometry, z_mm: NDArray[np.floating[Any]], nodules: tuple[Nodule, ...] = ()
+) -> dict[str, NDArray[np.bool_]]:
+    """Boolean masks (z, y, x) of body, lungs, bone and nodules at the slice centres ``z_mm``."""
     half = geom.columns * geom.pixel_spacing_mm / 2
     x = (np.arange(geom.columns) + 0.5) * geom.pixel_spacing_mm - half
     y = (np.arange(geom.rows) + 0.5) * geom.pixel_spacing_mm - half
@@ -91,7 +107,14 @@ def _masks(geom: Geometry, z_mm: NDArray[np.floating[Any]]) -> dict[str, NDArray
         for cx in (-72.0, 72.0):
             lungs[i] |= ((xx - cx) / (55.0 * s)) ** 2 + ((yy + 5.0) / (75.0 * s)) ** 2 <= 1.0
     lungs &= body & ~bone
-    return {"body": body, "lungs": lungs, "bone": bone}
+    found = np.zeros(shape, dtype=bool)
+    for nodule in nodules:
+        cx, cy, cz = nodule.center_mm
+        for i, z in enumerate(z_mm):
+            if abs(z - cz) <= nodule.radius_mm:
+                found[i] |= (xx - cx) ** 2 + (yy - cy) ** 2 + (z - cz) ** 2 <= nodule.radius_mm**2
+    # A nodule sits in the lung, so the lung (as a segmentation would fill it) keeps its space.
+    return {"body": body, "lungs": lungs, "bone": bone, "nodules": found & lungs}
 
 
 def _hu(masks: dict[str, NDArray[np.bool_]], rng: np.random.Generator) -> NDArray[np.int16]:
@@ -99,6 +122,7 @@ def _hu(masks: dict[str, NDArray[np.bool_]], rng: np.random.Generator) -> NDArra
     hu[masks["body"]] = SOFT
     hu[masks["lungs"]] = LUNG
     hu[masks["bone"]] = BONE
+    hu[masks["nodules"]] = SOFT
     hu += rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
@@ -153,8 +177,13 @@ def write_chest_ct(
     accession: str = "ACC0001",
     with_lung_series: bool = True,
     with_scout: bool = True,
+    nodules: tuple[Nodule, ...] = (),
 ) -> ChestTruth:
-    """Write the study under ``out_dir/<series number>/<n>.dcm``; return its truth."""
+    """Write the study under ``out_dir/<series number>/<n>.dcm``; return its truth.
+
+    ``nodules`` are drawn as soft tissue inside the lungs (the part of each outside a lung is
+    left out), for the nodule model's end-to-end tests.
+    """
     rng = np.random.default_rng(seed)
     now = datetime.datetime(2026, 1, 15, 9, 30)
     study = Dataset()
@@ -171,7 +200,7 @@ def write_chest_ct(
     study.ReferringPhysicianName = "REFERRER^DEMO"
     study.FrameOfReferenceUID = generate_uid()
     study.SpecificCharacterSet = "ISO_IR 100"
-    truth = ChestTruth(study.StudyInstanceUID)
+    truth = ChestTruth(study.StudyInstanceUID, nodules=nodules)
 
     series_plan = [("AXIAL 1.25 SOFT TISSUE", 2, geometry)]
     if with_lung_series:
@@ -194,7 +223,7 @@ def write_chest_ct(
         truth.series[description] = series_uid
         truth.geometries[series_uid] = geom
         z = geom.z0_mm + (np.arange(geom.slices) + 0.5) * geom.slice_thickness_mm
-        masks = _masks(geom, z)
+        masks = _masks(geom, z, nodules)
         voxel_ml = geom.pixel_spacing_mm**2 * geom.slice_thickness_mm / 1000.0
         truth.volumes_ml[series_uid] = {k: float(m.sum()) * voxel_ml for k, m in masks.items()}
         pixels = _hu(masks, rng)
