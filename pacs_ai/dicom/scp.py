@@ -7,7 +7,6 @@ object or a broken peer must never take the listener down.
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import threading
@@ -18,18 +17,13 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom._handlers import (
-    standard_dimse_recv_handler,
-    standard_dimse_sent_handler,
-    standard_pdu_recv_handler,
-    standard_pdu_sent_handler,
-)
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_ai.config import Settings
 from pacs_ai.dicom.contexts import STORAGE_TRANSFER_SYNTAXES, storage_sop_classes
+from pacs_ai.dicom.fastpath import MAX_PDU_BYTES, on_conn_open
 from pacs_ai.dicom.part10 import part10_bytes
 from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.storage.ingest import Ingest
@@ -40,20 +34,6 @@ logger = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
-MAX_PDU_BYTES = 1 << 20
-
-# pynetdicom binds these to every association; they format a description of every PDU and
-# DIMSE message for its INFO/DEBUG log, and the C-STORE one copies the whole data set to do
-# so (~0.1 ms of CPU per 512 KiB image). Without a reader at those levels they are pure cost.
-_PYNETDICOM_LOG_HANDLERS = (
-    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
-    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
-)
-
-# A PDU's length excludes its 6-byte header; a little slack for senders that round up.
-PDU_HEADER_SLACK = 1024
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -87,42 +67,6 @@ class _Gate:
 
     settings: Settings
     ingest: Ingest
-
-
-def _on_conn_open(event: Any) -> None:
-    assoc = event.assoc
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-        for log_event, handler in _PYNETDICOM_LOG_HANDLERS:
-            assoc.unbind(log_event, handler)
-    assoc_socket = assoc.dul.socket
-    sock = assoc_socket.socket
-    if sock is None:
-        return
-    # pynetdicom leaves Nagle on; with it, every small DIMSE response waits for a delayed ACK.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # pynetdicom reads PDUs 4 KiB per recv(), so a 512 KiB slice costs 128 system calls and
-    # as many GIL hand-offs. Same contract, read straight into one buffer.
-    assoc_socket.recv = functools.partial(recv_exactly, sock)
-
-
-def recv_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` (blocking); fewer only if the peer closed the connection.
-
-    The length comes from the peer's PDU header, so it is bounded before anything is
-    allocated: no PDU we accept may exceed the maximum we advertised.
-    """
-    if nr_bytes > MAX_PDU_BYTES + PDU_HEADER_SLACK:
-        raise ConnectionError(f"peer announced a {nr_bytes}-byte PDU; the limit is {MAX_PDU_BYTES}")
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    got = 0
-    while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
-        if n == 0:
-            del view
-            return buffer[:got]
-        got += n
-    return buffer
 
 
 def _on_requested(event: Any, gate: _Gate) -> None:
@@ -231,12 +175,14 @@ def _on_store(event: Any, ingest: Ingest) -> Dataset | int:
     return _status(outcome.status, outcome.comment)
 
 
-def _status(status: StoreStatus, comment: str) -> Dataset:
+def _status(status: StoreStatus, comment: str) -> Dataset | int:
+    if not comment or status == StoreStatus.SUCCESS:
+        # A bare status spares pynetdicom copying a Dataset for every stored image.
+        return int(status)
     rsp = Dataset()
     rsp.Status = int(status)
-    if comment and status != StoreStatus.SUCCESS:
-        # Error Comment is LO: 64 characters at most.
-        rsp.ErrorComment = comment[:64]
+    # Error Comment is LO: 64 characters at most.
+    rsp.ErrorComment = comment[:64]
     return rsp
 
 
@@ -257,7 +203,7 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         gate = _Gate(self.settings, self.ingest)
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_CONN_OPEN, on_conn_open),
             (evt.EVT_REQUESTED, _on_requested, [gate]),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_STORE, _on_store, [self.ingest]),

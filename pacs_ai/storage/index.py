@@ -160,6 +160,7 @@ class InstanceRecorder:
             update(studies)
             .where(studies.c.id == bindparam("sid"))
             .values(last_received_at=greatest(studies.c.last_received_at, bindparam("now")))
+            .returning(studies.c.state)
         )
         self._duplicate = (
             update(instances)
@@ -277,15 +278,12 @@ class InstanceRecorder:
         for item, new in zip(batch, added, strict=True):
             if new and (item.study_id not in latest or latest[item.study_id].now < item.now):
                 latest[item.study_id] = item
-        reopened = [
-            item
-            for sid, item in latest.items()
-            if conn.execute(self._reopen, {"sid": sid}).rowcount
-        ]
-        if latest:
-            conn.execute(
-                self._touch, [{"sid": sid, "now": item.now} for sid, item in latest.items()]
-            )
+        reopened = []
+        for sid, item in latest.items():
+            # The touch reports the state, so the reopening UPDATE runs only when it matters.
+            state = conn.execute(self._touch, {"sid": sid, "now": item.now}).scalar()
+            if state == COMPLETE and conn.execute(self._reopen, {"sid": sid}).rowcount:
+                reopened.append(item)
         return reopened
 
     def _study_id(self, conn: Connection, h: InstanceHeader, calling_ae: str, now: float) -> int:

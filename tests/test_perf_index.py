@@ -1,0 +1,112 @@
+"""Group commit in the index: many associations at once, each told only what its row became."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from pacs_ai.dicom.header import InstanceHeader, read_header
+from pacs_ai.storage import index
+from pacs_ai.storage.db import open_database
+from pacs_ai.storage.schema import COMPLETE, RECEIVING, instances
+from tests.databases import postgres_database
+from tests.realdata import real_file
+
+HEADER = read_header(real_file("CT_small.dcm").read_bytes())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        eng = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+        yield eng
+        eng.dispose()
+        return
+    with postgres_database() as url:
+        eng = open_database(url)
+        yield eng
+        eng.dispose()
+
+
+def _instance(i: int, series: str = "1.2.3") -> InstanceHeader:
+    return replace(
+        HEADER, sop_instance_uid=f"{HEADER.sop_instance_uid}.{i}", series_instance_uid=series
+    )
+
+
+def _record_all(rec: index.InstanceRecorder, headers: list[InstanceHeader]) -> list[object]:
+    """Record each header from its own thread, all released at once; return each outcome."""
+    results: list[object] = [None] * len(headers)
+    start = threading.Barrier(len(headers))
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = rec.record(headers[i], "MOD", f"{i}.dcm", 10, now=100.0 + i)
+        except Exception as exc:  # collected for the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(headers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_instances_are_all_indexed_and_batched(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = index.InstanceRecorder(engine)
+    batches: list[int] = []
+    real_record = rec._record
+
+    def counting_record(batch: list[index._Pending]) -> list[bool]:
+        batches.append(len(batch))
+        return real_record(batch)
+
+    monkeypatch.setattr(rec, "_record", counting_record)
+    headers = [_instance(i, series=f"1.2.3.{i % 3}") for i in range(24)]
+    assert _record_all(rec, headers) == [True] * 24
+    assert sum(batches) == 24 and max(batches) > 1  # group commit happened
+    (study,) = index.list_studies(engine)
+    assert (study.instance_count, study.series_count, study.duplicates) == (24, 3, 0)
+    assert study.last_received_at == 123.0
+
+
+def test_the_same_instance_from_two_associations_is_stored_once_and_counted(
+    engine: Engine,
+) -> None:
+    rec = index.InstanceRecorder(engine)
+    headers = [_instance(1)] * 6 + [_instance(2)] * 2
+    results = _record_all(rec, headers)
+    assert results[:6].count(True) == 1 and results[6:].count(True) == 1
+    (study,) = index.list_studies(engine)
+    assert (study.instance_count, study.duplicates) == (2, 6)
+
+
+def test_one_bad_instance_fails_alone(engine: Engine) -> None:
+    rec = index.InstanceRecorder(engine)
+    bad = replace(_instance(99), sop_class_uid=None)  # type: ignore[arg-type]  # NOT NULL
+    headers = [_instance(i) for i in range(7)] + [bad]
+    results = _record_all(rec, headers)
+    assert results[:7] == [True] * 7
+    assert isinstance(results[7], Exception)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 7
+
+
+def test_a_batch_reopens_a_complete_study_once(engine: Engine) -> None:
+    rec = index.InstanceRecorder(engine)
+    rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
+    (study,) = index.list_studies(engine)
+    assert index.mark_complete(engine, study.id, cutoff=5.0, now=5.0) is not None
+    assert _record_all(rec, [_instance(i) for i in range(1, 9)]) == [True] * 8
+    (study,) = index.list_studies(engine)
+    assert (study.state, study.reopened, study.instance_count) == (RECEIVING, 1, 9)
+    assert study.state != COMPLETE

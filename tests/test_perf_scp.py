@@ -1,0 +1,201 @@
+"""The receiver's replacements for pynetdicom's hot path: same bytes, same protocol."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_RELEASE_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from pacs_ai.config import NodeSettings, Settings, StorageSettings
+from pacs_ai.dicom import fastpath, scp
+from pacs_ai.dicom.status import StoreStatus
+from pacs_ai.storage.db import open_database
+from pacs_ai.storage.ingest import Ingest
+from pacs_ai.storage.spool import Spool
+from tests.realdata import real_file
+
+
+def test_the_pynetdicom_internals_we_stand_in_for_are_there() -> None:
+    for cls, names in (
+        (DULServiceProvider, ["_is_transport_event", "_process_recv_primitive", "_decode_pdu"]),
+        (DIMSEServiceProvider, ["send_msg", "maximum_pdu_size"]),
+    ):
+        for name in names:
+            assert hasattr(cls, name), f"{cls.__name__}.{name}"
+    assoc = Association(AE(), "acceptor")
+    for name in ("_reactor_checkpoint", "dimse", "dul"):
+        assert hasattr(assoc, name)
+    assert hasattr(assoc.dimse, "msg_queue")
+    assert hasattr(assoc.dul, "to_user_queue") and hasattr(assoc.dul, "to_provider_queue")
+    assert fastpath._PYNETDICOM_3
+
+
+class _Service(StorageServiceClass):
+    def __init__(self) -> None:  # validate_status needs no association
+        pass
+
+
+def _pynetdicom_command(rsp: C_STORE) -> bytes:
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = list(message.encode_msg(1, 16382))
+    return bytes(pdata.presentation_data_value_list[0][1])
+
+
+@pytest.mark.parametrize("status", list(StoreStatus))
+@pytest.mark.parametrize("comment", ["", "odd", "even", "x" * 80])
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"])
+def test_store_response_bytes_equal_pynetdicoms(
+    status: StoreStatus, comment: str, sop_class: str
+) -> None:
+    for message_id, instance in ((1, "1.2.3.4"), (65535, "1.2.3.45")):
+        rsp = C_STORE()
+        rsp.MessageID = rsp.MessageIDBeingRespondedTo = message_id
+        rsp.AffectedSOPClassUID = sop_class
+        rsp.AffectedSOPInstanceUID = instance
+        rsp = _Service().validate_status(scp._status(status, comment), rsp)
+        ours = fastpath.store_response_command(rsp)
+        assert ours is not None
+        assert b"\x03" + ours == _pynetdicom_command(rsp)
+
+
+def test_other_responses_go_the_usual_way() -> None:
+    echo = C_ECHO()
+    echo.MessageIDBeingRespondedTo = 1
+    echo.Status = 0
+    assert fastpath.store_response_command(echo) is None
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.Status = 0xC000
+    rsp.OffendingElement = [0x00100010]
+    assert fastpath.store_response_command(rsp) is None
+
+
+class _FakeDul:
+    def __init__(self) -> None:
+        self.assoc = Association(AE(), "acceptor")
+        for log_event, handler in fastpath._PYNETDICOM_LOG_HANDLERS:
+            self.assoc.unbind(log_event, handler)
+        self.fallback_calls = 0
+
+    def decode_any(self, bytestream: bytearray) -> tuple[Any, str]:
+        self.fallback_calls += 1
+        return DULServiceProvider._decode_pdu(self, bytestream)  # type: ignore[arg-type]
+
+
+def test_p_data_decoded_over_a_view_equals_pynetdicoms_decoding() -> None:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [
+        [3, b"\x01" + b"cmd"],
+        [3, b"\x02" + bytes(range(256)) * 9],
+    ]
+    encoded = bytearray(P_DATA_TF(primitive).encode())
+    dul = _FakeDul()
+    pdu, event = fastpath._decode_pdu(dul, dul.decode_any, encoded)
+    expected, expected_event = DULServiceProvider._decode_pdu(dul, bytes(encoded))  # type: ignore[arg-type]
+    assert dul.fallback_calls == 0 and event == expected_event == "Evt10"
+    ours = [(cx, bytes(data)) for cx, data in pdu.to_primitive().presentation_data_value_list]
+    assert ours == [
+        (cx, bytes(data)) for cx, data in expected.to_primitive().presentation_data_value_list
+    ]
+    release = bytearray(A_RELEASE_RQ().encode())
+    assert fastpath._decode_pdu(dul, dul.decode_any, release)[1] == "Evt12"
+    assert dul.fallback_calls == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[scp.Receiver]:
+    settings = Settings(
+        node=NodeSettings(bind="127.0.0.1", dicom_port=_free_port(), data_dir=tmp_path),
+        storage=StorageSettings(reserve_mb=0),
+    )
+    spool = Spool(tmp_path, reserve_bytes=0)
+    spool.prepare()
+    engine = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    receiver = scp.Receiver(settings, Ingest(spool, engine))
+    receiver.start()
+    yield receiver
+    receiver.stop(drain_timeout_s=2)
+    engine.dispose()
+
+
+def _associate(port: int) -> Any:
+    ae = AE(ae_title="PERFSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSAI")
+    assert assoc.is_established
+    return assoc
+
+
+def test_a_real_association_stores_answers_and_ends_promptly(receiver: scp.Receiver) -> None:
+    assert receiver.server is not None
+    port = receiver.server.server_address[1]
+    good = dcmread(real_file("CT_small.dcm"))
+    bad = dcmread(real_file("CT_small.dcm"))
+    del bad.StudyInstanceUID
+    assoc = _associate(port)
+    try:
+        (server_side,) = receiver.server.active_associations
+        assert isinstance(server_side._reactor_checkpoint, fastpath._Checkpoint)
+        time.sleep(0.3)  # idle: nothing may be lost or delayed by the event-driven wait
+        started = time.monotonic()
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.send_c_store(good).Status == 0
+        assert time.monotonic() - started < 1.0
+        refused = assoc.send_c_store(bad, msg_id=7)
+        assert refused.Status == StoreStatus.MISSING_UID
+        assert refused.ErrorComment == "Missing StudyInstanceUID"
+        assert assoc.send_c_store(good).Status == 0  # a duplicate, counted
+    finally:
+        started = time.monotonic()
+        assoc.release()
+    assert assoc.is_released and time.monotonic() - started < 1.0
+    deadline = time.monotonic() + 2
+    while receiver.active_associations() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert receiver.active_associations() == 0
+
+
+def _wait_no_associations(receiver: scp.Receiver, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while receiver.active_associations() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return receiver.active_associations() == 0
+
+
+def test_rejected_and_aborted_associations_end_promptly(receiver: scp.Receiver) -> None:
+    assert receiver.server is not None
+    port = receiver.server.server_address[1]
+    ae = AE(ae_title="PERFSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    rejected = ae.associate("127.0.0.1", port, ae_title="NOTUS")
+    assert rejected.is_rejected
+    assert _wait_no_associations(receiver)  # not left waiting for the ARTIM timer
+    aborted = _associate(port)
+    assert aborted.send_c_echo().Status == 0
+    aborted.abort()
+    assert _wait_no_associations(receiver)
