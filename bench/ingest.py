@@ -234,6 +234,10 @@ class PacsAi(Receiver):
             'log_level = "WARNING"\n'
             "[storage]\n"
             "reserve_mb = 100\n"
+            # The receiver is what is compared with Orthanc and storescp, which run no AI:
+            # no inference worker here (bench/latency.py measures the AI path).
+            "[worker]\n"
+            "embedded = false\n"
         )
 
     def command(self) -> list[str]:
