@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
 
 from pacs_ai.dicom.header import InstanceHeader, read_header
 from pacs_ai.storage import index
-from pacs_ai.storage.db import open_database
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, instances
-from tests.databases import postgres_database
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-        yield eng
-        eng.dispose()
-        return
-    with postgres_database() as url:
-        eng = open_database(url)
-        yield eng
-        eng.dispose()
 
 
 def _instance(i: int, series: str = "1.2.3") -> InstanceHeader:

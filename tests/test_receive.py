@@ -58,6 +58,24 @@ def wait_complete(
     return found
 
 
+def send_study_folder(node: NodeProcess, chest_ct: ChestTruth) -> list[dict[str, object]]:
+    """storescu the whole phantom study (+sd +r) and wait for it to complete."""
+    folder = chest_ct.files[0].parent.parent
+    result = dcmtk(
+        "storescu",
+        "+sd",
+        "+r",
+        "-aec",
+        "PACSAI",
+        "127.0.0.1",
+        str(node.port),
+        str(folder),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return wait_complete(node)
+
+
 def test_echo_from_dcmtk(node: NodeProcess) -> None:
     result = dcmtk(
         "echoscu", "-v", "-aet", "MODALITY", "-aec", "PACSAI", "127.0.0.1", str(node.port)
@@ -141,20 +159,7 @@ def test_resent_instances_are_stored_once_and_counted(node: NodeProcess) -> None
 
 
 def test_multi_series_ct_study_is_assembled(node: NodeProcess, chest_ct: ChestTruth) -> None:
-    folder = chest_ct.files[0].parent.parent
-    result = dcmtk(
-        "storescu",
-        "+sd",
-        "+r",
-        "-aec",
-        "PACSAI",
-        "127.0.0.1",
-        str(node.port),
-        str(folder),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (study,) = wait_complete(node)
+    (study,) = send_study_folder(node, chest_ct)
     assert study["study_instance_uid"] == chest_ct.study_instance_uid
     assert (study["series_count"], study["instance_count"]) == (3, 451)
     assert study["calling_ae"] == "STORESCU" and study["modalities"] == "CT"
@@ -214,20 +219,7 @@ def test_node_on_postgresql(
     node_factory: type[NodeProcess], tmp_path: Path, postgres_url: str, chest_ct: ChestTruth
 ) -> None:
     node = node_factory(tmp_path / "pg", receivers=2, database_url=postgres_url).start()
-    folder = chest_ct.files[0].parent.parent
-    result = dcmtk(
-        "storescu",
-        "+sd",
-        "+r",
-        "-aec",
-        "PACSAI",
-        "127.0.0.1",
-        str(node.port),
-        str(folder),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (study,) = wait_complete(node)
+    (study,) = send_study_folder(node, chest_ct)
     assert (study["series_count"], study["instance_count"]) == (3, 451)
     assert node.data_dir is not None
     assert not (node.data_dir / "index.sqlite3").exists()  # the index really is in PostgreSQL

@@ -338,9 +338,7 @@ def write_durable(path: Path, data: bytes, tmp_dir: Path) -> None:
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, memoryview(data))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
