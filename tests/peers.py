@@ -163,6 +163,20 @@ class NodeProcess:
         self.log_file.close()
         return code
 
+    def stored_path(self, source: Path) -> Path:
+        """Where the node keeps the instance that ``source`` holds (the documented layout)."""
+        from pydicom import dcmread
+
+        ds = dcmread(source, stop_before_pixels=True)
+        assert self.data_dir is not None
+        return (
+            self.data_dir
+            / "studies"
+            / ds.StudyInstanceUID
+            / ds.SeriesInstanceUID
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
+
     def studies(self) -> list[dict[str, Any]]:
         return list(self.cli_json("studies", "list"))
 

@@ -35,6 +35,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # no stray ./pacs-ai.toml
 
 
+def pacs_ai_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pacs_ai", *args], capture_output=True, text=True, timeout=60
+    )
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "pacs-ai.toml"
     path.write_text(text)
@@ -154,20 +160,7 @@ def test_peer_address_parsing() -> None:
 
 def test_config_check_cli(tmp_path: Path) -> None:
     def check(text: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pacs_ai",
-                "config",
-                "check",
-                "--config",
-                str(write(tmp_path, text)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return pacs_ai_cli("config", "check", "--config", str(write(tmp_path, text)))
 
     good = check(EXAMPLE)
     assert good.returncode == 0, good.stderr
@@ -181,12 +174,7 @@ def test_config_check_cli(tmp_path: Path) -> None:
 
 def test_bad_config_never_starts_the_node(tmp_path: Path) -> None:
     path = write(tmp_path, "[node]\ndicom_port = 0\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pacs_ai", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = pacs_ai_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert "node.dicom_port" in result.stderr
     assert not (tmp_path / "pacs-ai-data").exists()
@@ -194,18 +182,8 @@ def test_bad_config_never_starts_the_node(tmp_path: Path) -> None:
 
 def test_a_rule_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> None:
     path = write(tmp_path, '[[rules]]\nname = "x"\nmodels = ["no-such-model"]\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "pacs_ai", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = pacs_ai_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert "no-such-model" in result.stderr and "ct-organs-threshold" in result.stderr
-    check = subprocess.run(
-        [sys.executable, "-m", "pacs_ai", "rules", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = pacs_ai_cli("rules", "check", "--config", str(path))
     assert check.returncode == 2 and "no-such-model" in check.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
 from tests.peers import (
@@ -55,14 +54,7 @@ def test_orthanc_pushes_a_study_and_the_node_assembles_it(
     # What the PACS held is what the node keeps: every data set, byte for byte.
     assert node.data_dir is not None
     for source in chest_ct.files[::25]:
-        ds = dcmread(source, stop_before_pixels=True)
-        kept = (
-            node.data_dir
-            / "studies"
-            / ds.StudyInstanceUID
-            / ds.SeriesInstanceUID
-            / f"{ds.SOPInstanceUID}.dcm"
-        )
+        kept = node.stored_path(source)
         assert dataset_bytes(kept.read_bytes()) == dataset_bytes(source.read_bytes())
 
     # Pushing the study again is harmless: stored once, counted as duplicates.

@@ -32,18 +32,6 @@ STORESCU_PROPOSAL = {
 }
 
 
-def stored_path(node: NodeProcess, path: Path) -> Path:
-    ds = dcmread(path, stop_before_pixels=True)
-    assert node.data_dir is not None
-    return (
-        node.data_dir
-        / "studies"
-        / ds.StudyInstanceUID
-        / ds.SeriesInstanceUID
-        / f"{ds.SOPInstanceUID}.dcm"
-    )
-
-
 def wait_complete(
     node: NodeProcess, count: int = 1, timeout: float = 30
 ) -> list[dict[str, object]]:
@@ -122,7 +110,7 @@ def test_every_common_transfer_syntax_from_dcmtk(node: NodeProcess, tmp_path: Pa
         )
         assert result.returncode == 0, source.name + result.stdout + result.stderr
     for source in sources:
-        stored = stored_path(node, source)
+        stored = node.stored_path(source)
         assert stored.exists(), f"{source.name} was not stored"
         kept, sent = dcmread(stored), dcmread(source)
         # dcmtk re-encodes what it sends (group lengths, padding), so compare element by
@@ -141,9 +129,9 @@ def test_data_sets_are_kept_byte_for_byte(node: NodeProcess, tmp_path: Path) -> 
     results = store_all(node.port, sources, calling_ae="RAWSENDER")
     assert [status for _, status, _ in results] == [0] * len(sources)
     for source in sources:
-        kept = stored_path(node, source).read_bytes()
+        kept = node.stored_path(source).read_bytes()
         assert dataset_bytes(kept) == dataset_bytes(source.read_bytes()), source.name
-        meta = dcmread(stored_path(node, source), stop_before_pixels=True).file_meta
+        meta = dcmread(node.stored_path(source), stop_before_pixels=True).file_meta
         assert meta.TransferSyntaxUID == TRANSFER_SYNTAX_SAMPLES[source.name]
 
 

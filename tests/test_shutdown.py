@@ -85,14 +85,7 @@ def test_stopping_or_killing_during_ingest_keeps_every_acknowledged_instance(
     # Every acknowledged instance is on disk, whole, and indexed; no half-written file anywhere.
     assert node.data_dir is not None
     for path in acked:
-        ds = dcmread(path, stop_before_pixels=True)
-        kept = (
-            node.data_dir
-            / "studies"
-            / ds.StudyInstanceUID
-            / ds.SeriesInstanceUID
-            / f"{ds.SOPInstanceUID}.dcm"
-        )
+        kept = node.stored_path(path)
         assert dataset_bytes(kept.read_bytes()) == dataset_bytes(path.read_bytes())
     if signum != signal.SIGKILL:
         assert list((node.data_dir / "tmp").iterdir()) == []
