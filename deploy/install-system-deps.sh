@@ -3,6 +3,7 @@
 #   dcmtk        storescu / echoscu / storescp (called by full path under /usr/bin)
 #   orthanc      a real PACS, with its DICOMweb plugin
 #   dicom3tools  dciodvfy, the validator for the objects we write
+#   chromium     a real browser (with chromium-driver) for the worklist page tests
 # Does nothing when they are all present. Needs root (or sudo) to install.
 set -euo pipefail
 
@@ -12,6 +13,8 @@ need=()
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -x /usr/bin/dciodvfy ] || need+=(dicom3tools)
 command -v redis-server >/dev/null || need+=(redis-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

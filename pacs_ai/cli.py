@@ -752,5 +752,69 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
         raise typer.Exit(1)
 
 
+# --- tokens --------------------------------------------------------------------------------
+
+tokens_app = typer.Typer(help="API tokens for the HTTP service (worklist, DICOMweb, admin API).")
+app.add_typer(tokens_app, name="tokens", no_args_is_help=True)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option(help="admin, radiologist or integration.")],
+    name: Annotated[str, typer.Option(help="Who or what uses it (unique), e.g. dr-smith.")],
+    peer: Annotated[
+        str, typer.Option(help="For STOW-RS senders: the [[peers]] name results go back to.")
+    ] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Create a token. It is printed once, alone on the last line; only its hash is kept."""
+    from pacs_ai.storage import tokens
+
+    settings = _settings(config)
+    if peer and settings.peer(peer) is None:
+        names = ", ".join(p.name for p in settings.peers) or "none configured"
+        _fail(f"--peer {peer!r} is not a configured peer ({names})", 2)
+    try:
+        token = tokens.create(_engine(settings), name, role, time.time(), peer=peer)
+    except PacsAiError as exc:
+        _fail(str(exc), 2)
+    err.print(f"token {name!r} ({role}) created; store it now, it cannot be shown again:")
+    sys.stdout.write(token + "\n")
+
+
+@tokens_app.command("list")
+def tokens_list(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Tokens by name and role (never the tokens themselves)."""
+    from pacs_ai.storage import tokens
+
+    rows = tokens.list_tokens(_engine(_settings(config)))
+    if json_out:
+        _dump(rows)
+        return
+    table = Table("name", "role", "peer", "created", "last used", "revoked")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["role"],
+            r["peer"] or "-",
+            _when(r["created_at"]),
+            _when(r["last_used_at"]),
+            _when(r["revoked_at"]),
+        )
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str, config: ConfigOption = None) -> None:
+    """Revoke a token by name; it stops working at once and stays listed as revoked."""
+    from pacs_ai.storage import tokens
+
+    try:
+        tokens.revoke(_engine(_settings(config)), name, time.time())
+    except PacsAiError as exc:
+        _fail(str(exc))
+    out.print(f"token {name!r} revoked")
+
+
 def main() -> None:
     app()

@@ -91,6 +91,26 @@ class DatabaseSettings(_Section):
     url: str = ""
 
 
+class HttpSettings(_Section):
+    """``[http]``: the HTTP service (worklist page, DICOMweb, admin API, metrics).
+
+    It listens on ``node.bind`` and ``node.http_port``. Put it behind a TLS-terminating
+    reverse proxy in production (README, "HTTP and TLS").
+    """
+
+    enabled: bool = True
+    # Origins a browser viewer may call the API from (CORS); empty allows none.
+    cors_origins: tuple[str, ...] = ()
+    # Largest STOW-RS request body accepted, in MiB.
+    max_upload_mb: float = Field(2048.0, gt=0)
+    # Failed authentications one client address may make per minute before it gets 429.
+    auth_failures_per_minute: int = Field(20, ge=1)
+    # Seconds between refreshes of the worklist page.
+    worklist_refresh_s: float = Field(10.0, gt=0)
+    # Mark the session cookie Secure (set true when users reach the node over HTTPS).
+    secure_cookies: bool = False
+
+
 class BrokerSettings(_Section):
     """``[broker]``: the Celery broker. Empty url: ``pacs-ai serve`` runs its own Redis."""
 
@@ -164,6 +184,7 @@ class Settings(BaseSettings):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
     broker: BrokerSettings = BrokerSettings()
     worker: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()

@@ -100,3 +100,11 @@ class ModelLoadError(PacsAiError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class TokenError(PacsAiError):
+    """An API token operation was refused (unknown role, name taken, no such token)."""
+
+
+class RemoteError(PacsAiError):
+    """A remote node's API (``pacs-ai --url``) refused or could not be reached."""

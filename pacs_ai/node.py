@@ -32,6 +32,8 @@ from pacs_ai.pipeline.runtime import AIRuntime
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.ingest import Ingest
 from pacs_ai.storage.spool import Spool
+from pacs_ai.web.context import WebContext
+from pacs_ai.web.server import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +174,21 @@ class ReceiverPool:
                 process.kill()
 
 
+def _broker_reachable(url: str) -> bool:
+    import redis
+
+    # Celery (kombu) spells a Unix socket redis+socket://; redis-py spells it unix://.
+    url = url.replace("redis+socket://", "unix://", 1)
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError):
+        return False
+
+
 class Node:
     """The running node. ``listeners`` hear of each study completion (the AI path hangs here)."""
 
@@ -192,6 +209,37 @@ class Node:
         if signum is not None:
             logger.info("received %s, stopping", signal.Signals(signum).name)
         self.stop_event.set()
+
+    def _start_http(
+        self,
+        ingest: Ingest,
+        runtime: AIRuntime | None,
+        pool: ReceiverPool | None,
+        local: Receiver | None,
+    ) -> HttpServer | None:
+        if not self.settings.http.enabled:
+            return None
+
+        def readiness() -> dict[str, bool]:
+            checks = {
+                "receivers": all(p.is_alive() for p in pool.processes)
+                if pool is not None
+                else local is not None,
+            }
+            if runtime is not None:
+                checks["broker"] = _broker_reachable(runtime.broker_url)
+            return checks
+
+        ctx = WebContext(
+            self.settings,
+            ingest.engine,
+            ingest,
+            readiness=readiness,
+            broker_url=runtime.broker_url if runtime is not None else "",
+        )
+        http = HttpServer(ctx)
+        http.start()
+        return http
 
     def run(self) -> None:
         settings = self.settings
@@ -222,6 +270,7 @@ class Node:
                 "%d receiver processes share DICOM port %d", count, settings.node.dicom_port
             )
         assembly.start()
+        http = self._start_http(ingest, runtime, pool, local)
         logger.info(
             "pacs-ai ready: AE %s, DICOM port %d, data dir %s, quiet period %.1f s",
             settings.node.ae_title,
@@ -239,6 +288,8 @@ class Node:
             logger.info(
                 "stopping: draining associations (up to %.0f s)", settings.node.drain_timeout_s
             )
+            if http is not None:
+                http.stop()
             if local is not None:
                 local.stop(settings.node.drain_timeout_s)
             if pool is not None:

@@ -64,6 +64,7 @@ class NodeProcess:
     workdir: Path
     ae_title: str = "PACSAI"
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     quiet_period_s: float = 1.0
     receivers: int = 1
     reserve_mb: float = 16
@@ -91,6 +92,7 @@ class NodeProcess:
             "ae_title": self.ae_title,
             "bind": "127.0.0.1",
             "dicom_port": self.port,
+            "http_port": self.http_port,
             "data_dir": str(self.data_dir),
             "quiet_period_s": self.quiet_period_s,
             "receivers": self.receivers,
@@ -116,6 +118,19 @@ class NodeProcess:
             timeout=timeout,
             env={**os.environ, "COLUMNS": "250"},
         )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def token(self, role: str, name: str = "", peer: str = "") -> str:
+        """A new API token for ``role`` (``pacs-ai tokens create``: the token is the last line)."""
+        args = ["tokens", "create", "--role", role, "--name", name or f"test-{role}"]
+        if peer:
+            args += ["--peer", peer]
+        result = self.cli(*args)
+        assert result.returncode == 0, result.stderr + result.stdout
+        return result.stdout.strip().splitlines()[-1]
 
     def cli_json(self, *args: str) -> Any:
         result = self.cli(*args, "--json")

@@ -141,6 +141,28 @@ def _as_condition(keyword: str, value: Any) -> Condition:
     raise ValueError(f"{keyword}: use a string, a number or a table of operators")
 
 
+class Escalation(BaseModel):
+    """``escalate = [{ finding = "nodule", min_certainty = 0.8, priority = "STAT" }]``.
+
+    When a job of the rule reports a finding whose name contains ``finding`` (ignoring case)
+    with at least ``min_certainty`` (any certainty when unset), the study's worklist priority
+    rises to ``priority``. It never lowers a priority.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finding: Annotated[str, Field(min_length=1)]
+    min_certainty: float | None = Field(None, ge=0, le=1)
+    priority: Priority = Priority.STAT
+
+    def raises(self, name: str, certainty: float | None) -> bool:
+        if self.finding.casefold() not in name.casefold():
+            return False
+        if self.min_certainty is None:
+            return True
+        return certainty is not None and certainty >= self.min_certainty
+
+
 class RuleSettings(BaseModel):
     """``[[rules]]``: when a series matches, run these models, forward there, at this priority."""
 
@@ -154,6 +176,8 @@ class RuleSettings(BaseModel):
     results_to: tuple[str, ...] = ()
     """Peer names for results; empty means the peer the study came from, if it may receive."""
     priority: Priority = Priority.ROUTINE
+    escalate: tuple[Escalation, ...] = ()
+    """Findings that raise the study's worklist priority (see :class:`Escalation`)."""
     enabled: bool = True
 
     @field_validator("match", mode="before")

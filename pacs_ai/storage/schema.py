@@ -21,6 +21,8 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+SOURCE, RESULT = "source", "result"
+
 RECEIVING = "RECEIVING"
 COMPLETE = "COMPLETE"
 STUDY_STATES = (RECEIVING, COMPLETE)
@@ -50,8 +52,15 @@ studies = Table(
     # How often the study became COMPLETE, and how often a new instance reopened it.
     Column("completions", Integer, nullable=False, default=0),
     Column("reopened", Integer, nullable=False, default=0),
+    # The worklist (pacs_ai/worklist): priority from the rules and the findings, kept here so
+    # the list sorts in the database; priority_rank is Priority.rank (0 = no AI planned).
+    Column("priority", String(16), nullable=False, default=""),
+    Column("priority_rank", Integer, nullable=False, default=0),
+    Column("findings_summary", String(512), nullable=False, default=""),
+    Column("review_state", String(16), nullable=False, default="UNREVIEWED"),
     UniqueConstraint("study_instance_uid", "calling_ae", name="uq_studies_uid_ae"),
     Index("ix_studies_state_last", "state", "last_received_at"),
+    Index("ix_studies_worklist", "priority_rank", "first_received_at"),
 )
 
 series = Table(
@@ -89,6 +98,9 @@ instances = Table(
     Column("received_at", Float, nullable=False),
     # Further receptions of the same SOP Instance UID: stored once, counted here.
     Column("duplicates", Integer, nullable=False, default=0),
+    # "source" (received; path relative to the spool root) or "result" (a SEG/SR the node
+    # made; path relative to the data dir). Results never reopen a study or meet the rules.
+    Column("kind", String(8), nullable=False, default=SOURCE),
     Index("ix_instances_series", "series_id"),
     Index("ix_instances_study", "study_id"),
 )
@@ -156,4 +168,43 @@ deliveries = Table(
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("job_id", "study_id", "peer", "kind", "payload", name="uq_deliveries_what"),
     Index("ix_deliveries_state", "state"),
+)
+
+
+# --- the HTTP side ----------------------------------------------------------------------------
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    # SHA-256 of the token: tokens are 256 random bits, so a plain hash cannot be reversed.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    # The peer a STOW-RS sender with this token stands for (results go back to it).
+    Column("peer", String(64), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+    Column("last_used_at", Float, nullable=True),
+)
+
+ACCEPT, REJECT, COMMENT = "ACCEPT", "REJECT", "COMMENT"
+REVIEW_ACTIONS = (ACCEPT, REJECT, COMMENT)
+UNREVIEWED, ACCEPTED, REJECTED, PARTIAL = "UNREVIEWED", "ACCEPTED", "REJECTED", "PARTIAL"
+
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    # The job whose finding is reviewed; NULL for a review of the whole study.
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True),
+    # The finding's name within the job's findings; "" for the job (or study) as a whole.
+    Column("finding", String(128), nullable=False, default=""),
+    Column("action", String(16), nullable=False),
+    Column("comment", String(2000), nullable=False, default=""),
+    # The token name of who reviewed.
+    Column("reviewer", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_reviews_study", "study_id"),
 )

@@ -1,0 +1,1 @@
+"""The node's HTTP service: worklist page and API, DICOMweb, admin API, health and metrics."""

@@ -1,0 +1,119 @@
+"""Who may call what: bearer tokens (or the page's cookie), roles, and failure rate limits.
+
+Each endpoint names the one permission it needs (``Depends(requires(Permission.X))``);
+roles are sets of permissions. No token or an unknown/revoked one is 401, a valid token
+without the permission is 403, and a client address with too many failures is 429.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import StrEnum
+
+from fastapi import HTTPException, Request
+
+from pacs_ai.storage.tokens import Principal, Role, authenticate
+
+logger = logging.getLogger(__name__)
+
+COOKIE = "pacs_ai_token"
+
+
+class Permission(StrEnum):
+    WORKLIST = "worklist"  # read the worklist, studies, previews
+    REVIEW = "review"  # accept / reject / comment findings
+    DICOMWEB_READ = "dicomweb-read"  # QIDO-RS, WADO-RS
+    DICOMWEB_WRITE = "dicomweb-write"  # STOW-RS
+    ADMIN = "admin"  # jobs, deliveries, rules, tokens, metrics
+
+
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.ADMIN: frozenset(Permission),
+    Role.RADIOLOGIST: frozenset({Permission.WORKLIST, Permission.REVIEW, Permission.DICOMWEB_READ}),
+    Role.INTEGRATION: frozenset({Permission.DICOMWEB_READ, Permission.DICOMWEB_WRITE}),
+}
+
+
+class FailureLimiter:
+    """Counts failed authentications per client address over a sliding minute."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, client: str) -> bool:
+        with self._lock:
+            return len(self._recent(client)) >= self.per_minute
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            self._recent(client).append(self.clock())
+
+    def _recent(self, client: str) -> deque[float]:
+        window = self._failures.setdefault(client, deque())
+        cutoff = self.clock() - 60.0
+        while window and window[0] < cutoff:
+            window.popleft()
+        if not window:
+            # Forget quiet clients so that scanning addresses cannot grow the table forever.
+            del self._failures[client]
+            window = self._failures.setdefault(client, deque())
+        return window
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.cookies.get(COOKIE, "")
+
+
+def requires(permission: Permission) -> Callable[[Request], Principal]:
+    """A FastAPI dependency: the caller's :class:`Principal`, if it holds ``permission``."""
+
+    def check(request: Request) -> Principal:
+        ctx = request.app.state.ctx
+        limiter: FailureLimiter = request.app.state.limiter
+        client = request.client.host if request.client else "unknown"
+        if limiter.blocked(client):
+            raise HTTPException(429, "too many failed authentications; wait a minute")
+        token = bearer_token(request)
+        principal = authenticate(ctx.engine, token, ctx.clock()) if token else None
+        if principal is None:
+            limiter.failed(client)
+            logger.warning(
+                "authentication failed from %s for %s %s (%s)",
+                client,
+                request.method,
+                request.url.path,
+                "bad or revoked token" if token else "no token",
+            )
+            raise HTTPException(
+                401,
+                "a valid API token is required (Authorization: Bearer TOKEN); "
+                "create one with: pacs-ai tokens create --role ROLE --name NAME",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if permission not in ROLE_PERMISSIONS[principal.role]:
+            logger.warning(
+                "token %r (%s) refused %s %s: needs %s",
+                principal.name,
+                principal.role.value,
+                request.method,
+                request.url.path,
+                permission.value,
+            )
+            raise HTTPException(
+                403, f"role {principal.role.value!r} may not do this (needs {permission.value!r})"
+            )
+        request.state.principal = principal
+        return principal
+
+    return check

@@ -1,0 +1,5 @@
+"""Placeholder: filled by its issue-4 part."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
