@@ -85,6 +85,35 @@ class StorageSettings(_Section):
     reserve_mb: float = Field(1024.0, ge=0)
 
 
+class TlsSettings(_Section):
+    """``[tls]``: DICOM TLS (PS3.15 BCP 195, TLS 1.2+), for receiving and for calling peers."""
+
+    # A TLS listener on this port beside the plain one; 0 means none (2762 is DICOM-TLS's).
+    port: int = Field(0, ge=0, le=65535)
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # PEM file of the CAs whose certificates we trust: clients' (verify_clients) and peers'.
+    ca_certificates: Path | None = None
+    # Require and verify a client certificate on the TLS listener.
+    verify_clients: bool = False
+    # A peer that connects but does not finish the TLS handshake is dropped after this long.
+    handshake_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.port and (self.certificate is None or self.private_key is None):
+            raise ValueError("a TLS port needs certificate and private_key (PEM files)")
+        if self.verify_clients and self.ca_certificates is None:
+            raise ValueError("verify_clients = true needs ca_certificates (a PEM file of CAs)")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together; set both or neither")
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        return self
+
+
 class DatabaseSettings(_Section):
     """``[database]``: the index. Empty url means SQLite in the data dir."""
 
@@ -164,6 +193,8 @@ class PeerSettings(_Section):
     # How the node sends to this peer: C-STORE, or STOW-RS at dicomweb_url.
     protocol: Literal["dimse", "dicomweb"] = "dimse"
     dicomweb_url: str = ""
+    # Call this peer over DICOM TLS (its certificate checked against tls.ca_certificates).
+    tls: bool = False
 
     @model_validator(mode="after")
     def _dicomweb_needs_url(self) -> PeerSettings:
@@ -183,6 +214,7 @@ class Settings(BaseSettings):
 
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
+    tls: TlsSettings = TlsSettings()
     database: DatabaseSettings = DatabaseSettings()
     http: HttpSettings = HttpSettings()
     broker: BrokerSettings = BrokerSettings()

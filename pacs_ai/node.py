@@ -64,23 +64,25 @@ def _check_port_free(settings: Settings) -> None:
     # Receivers bind with SO_REUSEPORT, which would silently share the port with another
     # pacs-ai started by mistake. A plain bind first tells us whether anyone holds it.
     node = settings.node
+    ports = [("DICOM", node.dicom_port, "node.dicom_port")]
+    if settings.tls.port:
+        ports.append(("DICOM TLS", settings.tls.port, "tls.port"))
     family = socket.AF_INET6 if ":" in node.bind else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    # SO_REUSEADDR so that connections in TIME_WAIT from a previous run do not count.
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind((node.bind, node.dicom_port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise NetworkError(
-                f"DICOM port {node.dicom_port} on {node.bind} is already in use (another node "
-                "or PACS?); stop it or set node.dicom_port"
-            ) from None
-        raise NetworkError(
-            f"cannot listen on {node.bind}:{node.dicom_port}: {exc.strerror}"
-        ) from None
-    finally:
-        probe.close()
+    for what, port, key in ports:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        # SO_REUSEADDR so that connections in TIME_WAIT from a previous run do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((node.bind, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise NetworkError(
+                    f"{what} port {port} on {node.bind} is already in use (another node "
+                    f"or PACS?); stop it or set {key}"
+                ) from None
+            raise NetworkError(f"cannot listen on {node.bind}:{port}: {exc.strerror}") from None
+        finally:
+            probe.close()
 
 
 def _check_rule_models(settings: Settings) -> None:

@@ -34,6 +34,7 @@ from pynetdicom._handlers import (
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,25 @@ _PYNETDICOM_LOG_HANDLERS = (
 
 # A PDU's length excludes its 6-byte header; a little slack for senders that round up.
 PDU_HEADER_SLACK = 1024
+
+
+def _shutdown_and_close(self: AssociationSocket) -> None:
+    # pynetdicom's own skips close() when shutdown() raises, as it does after a peer reset or
+    # a TLS alert; the descriptor then waits for the garbage collector. A delivery retrying a
+    # refusing peer for hours, or a listener under a scan, must not pile them up.
+    sock = self.socket
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def close_sockets_fully() -> None:
+    """Make every pynetdicom socket close even when its shutdown fails (idempotent)."""
+    if _PYNETDICOM_3:
+        AssociationSocket._shutdown_socket = _shutdown_and_close  # type: ignore[method-assign]
 
 
 def on_conn_open(event: Any) -> None:

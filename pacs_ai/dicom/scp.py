@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -23,9 +24,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_ai.config import Settings
 from pacs_ai.dicom.contexts import STORAGE_TRANSFER_SYNTAXES, storage_sop_classes
-from pacs_ai.dicom.fastpath import MAX_PDU_BYTES, on_conn_open
+from pacs_ai.dicom.fastpath import MAX_PDU_BYTES, close_sockets_fully, on_conn_open
 from pacs_ai.dicom.part10 import part10_bytes
 from pacs_ai.dicom.status import StoreStatus
+from pacs_ai.dicom.tls import server_context
 from pacs_ai.storage.ingest import Ingest
 
 logger = logging.getLogger(__name__)
@@ -36,16 +38,54 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose port several receiver processes share (SO_REUSEPORT)."""
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with two changes.
+
+    - ``reuse_port``: several receiver processes share the port (SO_REUSEPORT).
+    - TLS handshakes happen in the connection's own thread with a timeout. pynetdicom does
+      them in ``get_request``, on the accepting thread and without a timeout, so one peer that
+      connects and never speaks TLS would stop the listener accepting anyone else.
+    """
+
+    reuse_port = False
+    handshake_timeout_s = 10.0
 
     def server_bind(self) -> None:
-        if self.socket is not None:
+        if self.socket is not None and self.reuse_port:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            request.settimeout(self.handshake_timeout_s)
+            try:
+                request.do_handshake()
+            except (OSError, ValueError) as exc:
+                # SSLError is an OSError: bad certificate, old protocol, plain DICOM on the
+                # TLS port, or a peer that stalled past the timeout.
+                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+            request.settimeout(previous)
+        super().process_request_thread(request, client_address)
+
+
+class ReusePortServer(NodeServer):
+    reuse_port = True
+
 
 def build_ae(settings: Settings) -> AE:
+    close_sockets_fully()
     node = settings.node
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = node.max_associations
@@ -199,6 +239,7 @@ class Receiver:
         self.ae = build_ae(settings)
         self.reuse_port = reuse_port
         self.server: ThreadedAssociationServer | None = None
+        self.tls_server: ThreadedAssociationServer | None = None
 
     def start(self) -> tuple[str, int]:
         gate = _Gate(self.settings, self.ingest)
@@ -210,21 +251,42 @@ class Receiver:
             (evt.EVT_ABORTED, _on_aborted),
         ]
         node = self.settings.node
-        server = self.ae.make_server(
-            (node.bind, node.dicom_port),
-            evt_handlers=handlers,
-            server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer,
-        )
-        # What AE.start_server(block=False) does, which cannot take a server class.
-        self.ae._servers.append(server)
-        threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
-        self.server = server
+        self.server = self._serve(handlers, node.dicom_port, None)
         host, port = self.server.server_address[:2]
         logger.info("listening for DICOM as %s on %s:%d", node.ae_title, host, port)
+        tls = self.settings.tls
+        if tls.port:
+            self.tls_server = self._serve(handlers, tls.port, server_context(tls))
+            logger.info(
+                "listening for DICOM TLS on %s:%d (client certificates %s)",
+                host,
+                tls.port,
+                "required" if tls.verify_clients else "not required",
+            )
         return str(host), int(port)
 
+    def _serve(
+        self, handlers: list[Any], port: int, ssl_context: ssl.SSLContext | None
+    ) -> ThreadedAssociationServer:
+        server_class = ReusePortServer if self.reuse_port else NodeServer
+        server = self.ae.make_server(
+            (self.settings.node.bind, port),
+            evt_handlers=handlers,
+            server_class=server_class,
+            ssl_context=ssl_context,
+        )
+        cast(NodeServer, server).handshake_timeout_s = self.settings.tls.handshake_timeout_s
+        # What AE.start_server(block=False) does, which cannot take a server class.
+        self.ae._servers.append(server)
+        name = "dicom-tls-listener" if ssl_context else "dicom-listener"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+        return server
+
+    def _servers(self) -> list[ThreadedAssociationServer]:
+        return [s for s in (self.server, self.tls_server) if s is not None]
+
     def active_associations(self) -> int:
-        return len(self.server.active_associations) if self.server else 0
+        return sum(len(s.active_associations) for s in self._servers())
 
     def stop(self, drain_timeout_s: float) -> None:
         """Stop accepting, let open associations finish, then abort what is left.
@@ -232,18 +294,22 @@ class Receiver:
         An instance is acknowledged only once durable, so an abort loses nothing the peer
         believes we hold; draining first spares the peer a retry.
         """
-        if self.server is None:
+        servers = self._servers()
+        if not servers:
             return
-        server, self.server = self.server, None
-        server.shutdown()
+        self.server = self.tls_server = None
+        for server in servers:
+            server.shutdown()
         deadline = time.monotonic() + drain_timeout_s
+
+        def open_associations() -> list[Any]:
+            return [a for server in servers for a in server.active_associations]
+
         # Only established associations can still deliver instances; a half-open or garbage
         # connection is waiting out a protocol timer and is not worth waiting for.
-        while time.monotonic() < deadline and any(
-            a.is_established for a in server.active_associations
-        ):
+        while time.monotonic() < deadline and any(a.is_established for a in open_associations()):
             time.sleep(0.05)
-        left = server.active_associations
+        left = open_associations()
         established = [a for a in left if a.is_established]
         for assoc in left:
             if assoc.is_established:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_ai.config import PeerSettings
 from pacs_ai.dicom.contexts import requested_contexts
+from pacs_ai.dicom.fastpath import close_sockets_fully
 from pacs_ai.dicom.status import describe
 from pacs_ai.errors import NetworkError
 
@@ -33,8 +35,20 @@ MEDIA_STORAGE_DIRECTORY = (
 )
 
 
-def _associate(ae: AE, peer: PeerSettings, contexts: Any = None) -> Any:
-    assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title)
+def _associate(
+    ae: AE, peer: PeerSettings, contexts: Any = None, tls: ssl.SSLContext | None = None
+) -> Any:
+    if peer.tls and tls is None:
+        raise NetworkError(
+            f"peer {peer.name!r} wants TLS but no TLS context was given (configure [tls])"
+        )
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        contexts=contexts,
+        ae_title=peer.ae_title,
+        tls_args=(tls, peer.host) if peer.tls and tls is not None else None,
+    )
     if not assoc.is_established:
         if assoc.is_rejected:
             raise NetworkError(f"{peer.ae_title}@{peer.host}:{peer.port} rejected the association")
@@ -48,6 +62,7 @@ def _associate(ae: AE, peer: PeerSettings, contexts: Any = None) -> Any:
 
 
 def _make_ae(calling_ae: str, timeout_s: float) -> AE:
+    close_sockets_fully()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
@@ -55,11 +70,13 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
-def echo(peer: PeerSettings, calling_ae: str, timeout_s: float = 10.0) -> int:
+def echo(
+    peer: PeerSettings, calling_ae: str, timeout_s: float = 10.0, tls: ssl.SSLContext | None = None
+) -> int:
     """C-ECHO ``peer``; return the DIMSE status (0x0000 is success)."""
     ae = _make_ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, peer)
+    assoc = _associate(ae, peer, tls=tls)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -165,6 +182,7 @@ def send(
     report: SendReport | None = None,
     on_sent: Callable[[SendableFile, int], None] | None = None,
     timeout_s: float = 60.0,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE ``files`` to ``peer`` over ``associations`` parallel associations."""
     report = report or SendReport()
@@ -173,7 +191,7 @@ def send(
 
     def worker(group: list[SendableFile]) -> None:
         try:
-            _send_group(group, peer, calling_ae, report, on_sent, timeout_s)
+            _send_group(group, peer, calling_ae, report, on_sent, timeout_s, tls)
         except BaseException as exc:
             errors.append(exc)
 
@@ -194,10 +212,11 @@ def _send_group(
     report: SendReport,
     on_sent: Callable[[SendableFile, int], None] | None,
     timeout_s: float,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     contexts = requested_contexts({(f.sop_class_uid, f.transfer_syntax_uid) for f in group})
     ae = _make_ae(calling_ae, timeout_s)
-    assoc = _associate(ae, peer, contexts)
+    assoc = _associate(ae, peer, contexts, tls)
     try:
         for item in group:
             status, comment = _store_one(assoc, item)

@@ -16,12 +16,13 @@ from sqlalchemy import select
 from pacs_ai.config import PeerSettings
 from pacs_ai.dicom import scu
 from pacs_ai.dicom.status import describe
+from pacs_ai.dicom.tls import for_peer
 from pacs_ai.dicomweb.client import stow
 from pacs_ai.errors import PacsAiError
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import WorkerContext
 from pacs_ai.pipeline.jobs import ClaimedDelivery
-from pacs_ai.storage.schema import instances, series
+from pacs_ai.storage.schema import SOURCE, instances, series
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ def _files(ctx: WorkerContext, delivery: ClaimedDelivery) -> list[Path]:
     settings = ctx.settings
     if delivery.kind in ("SEG", "SR"):
         return [settings.node.data_dir / delivery.payload]
-    query = select(instances.c.path).where(instances.c.study_id == delivery.study_id)
+    # A forward sends what was received; the node's own results go as SEG/SR deliveries.
+    query = select(instances.c.path).where(
+        instances.c.study_id == delivery.study_id, instances.c.kind == SOURCE
+    )
     if delivery.kind == "SERIES":
         query = query.join(series, series.c.id == instances.c.series_id).where(
             series.c.series_instance_uid == delivery.payload
@@ -49,6 +53,7 @@ def _c_store(ctx: WorkerContext, peer: PeerSettings, paths: list[Path]) -> str:
         1,
         report,
         timeout_s=ctx.settings.delivery.timeout_s,
+        tls=for_peer(ctx.settings.tls, peer),
     )
     if report.ok and files:
         return ""
