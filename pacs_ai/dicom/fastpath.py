@@ -95,6 +95,12 @@ def on_conn_open(event: Any) -> None:
         return
     # pynetdicom leaves Nagle on; with it, every small DIMSE response waits for a delayed ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # pynetdicom reads an accepted socket with no timeout: a peer that announces a PDU and
+    # stops sending inside it would hold its association (and a slot of max_associations)
+    # forever. Reads start only once data is waiting, so an idle association is unaffected;
+    # its idle limit is the network timeout the reactor keeps.
+    if assoc.network_timeout is not None:
+        sock.settimeout(assoc.network_timeout)
     # pynetdicom reads PDUs 4 KiB per recv(), so a 512 KiB slice costs 128 system calls and
     # as many GIL hand-offs. Same contract, read straight into one buffer.
     assoc_socket.recv = functools.partial(recv_exactly, sock)

@@ -1,0 +1,287 @@
+"""Faults the node must survive, with real processes: a broker that loses everything, a
+destination PACS that is down for a while or for good, and peers that stall, flood or
+never release.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
+from tests.peers import (
+    DCMTK,
+    TOOL_ENV,
+    NodeProcess,
+    OrthancProcess,
+    dcmtk,
+    echoscu_ok,
+    free_port,
+    orthanc_as_peer,
+    wait_for,
+)
+from tests.test_ai_path import results_in
+
+pytestmark = pytest.mark.slow
+
+SMALL_CT = Geometry(rows=128, columns=128, pixel_spacing_mm=2.8, slices=24, slice_thickness_mm=5)
+
+
+def small_study(folder: Path, seed: int) -> ChestTruth:
+    return write_chest_ct(
+        folder,
+        SMALL_CT,
+        seed=seed,
+        patient_id=f"FAULT-{seed}",
+        accession=f"F{seed:04d}",
+        with_lung_series=False,
+        with_scout=False,
+    )
+
+
+def send_as(node: NodeProcess, calling_ae: str, files: list[Path]) -> None:
+    result = dcmtk(
+        "storescu", "-aet", calling_ae, "-aec", node.ae_title, "127.0.0.1", str(node.port),
+        *map(str, files),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def jobs_by_state(node: NodeProcess) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in node.cli_json("jobs", "list"):
+        counts[job["state"]] = counts.get(job["state"], 0) + 1
+    return counts
+
+
+# --- the broker loses everything -------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server on a TCP port with no persistence: a restart comes back empty."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(self._pings, 20, "redis-server")
+
+    def _pings(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+def test_redis_lost_mid_run_loses_no_job_and_doubles_none(
+    tmp_path: Path, orthanc_factory: type[OrthancProcess]
+) -> None:
+    redis = RedisServer(free_port())
+    redis.start()
+    orthanc = orthanc_factory(tmp_path / "orthanc").start()
+    node = NodeProcess(
+        tmp_path / "node",
+        peers=[orthanc_as_peer(orthanc)],
+        ai_worker=True,
+        # A QUEUED job whose message is gone is sent again after 5 s.
+        extra_worker={"requeue_after_s": 5, "lease_s": 6},
+        extra_toml=f'[broker]\nurl = "{redis.url}"\n',
+    )
+    studies = [small_study(tmp_path / f"study{i}", seed=i) for i in range(3)]
+    try:
+        node.start()
+        for study in studies:
+            send_as(node, orthanc.ae_title, study.files)
+        # Once the worker runs the first job, the other two wait as messages in Redis.
+        wait_for(lambda: jobs_by_state(node).get("QUEUED", 0) >= 1, 120, "jobs on the queue")
+        redis.kill()
+        redis.start()  # back, empty: every queued message is gone
+        assert redis._pings()
+
+        def all_delivered() -> bool:
+            return jobs_by_state(node) == {"DELIVERED": 3}
+
+        wait_for(all_delivered, 300, "every job delivered after the broker loss", interval=2)
+        # The jobs that waited in the lost Redis came back through the reconciler.
+        assert "reconciler: re-enqueueing job" in node.log.read_text()
+        for study in studies:
+            found = results_in(orthanc, study.study_instance_uid)
+            # Exactly one SEG and one SR per job, whatever ran twice.
+            assert (len(found["SEG"]), len(found["SR"])) == (1, 1), study.study_instance_uid
+    finally:
+        node.stop()
+        redis.kill()
+
+
+# --- the destination is down ----------------------------------------------------------------
+
+
+def test_destination_down_then_back_and_one_gone_for_good(
+    tmp_path: Path, orthanc_factory: type[OrthancProcess]
+) -> None:
+    orthanc = orthanc_factory(tmp_path / "orthanc")  # configured, not started: down
+    gone_port = free_port()
+    gone = {
+        "name": "gone",
+        "ae_title": "GONE",
+        "host": "127.0.0.1",
+        "port": gone_port,
+        "send": False,
+        "receive": True,
+    }
+    node = NodeProcess(
+        tmp_path / "node",
+        peers=[orthanc_as_peer(orthanc), gone],
+        ai_worker=True,
+        extra_toml=(
+            "[delivery]\nmax_attempts = 4\nbackoff_s = 1\ntimeout_s = 5\n"
+            '[[rules]]\nname = "ct"\nmodels = ["ct-organs-threshold"]\n'
+            'results_to = ["orthanc", "gone"]\n'
+            'match = { Modality = "CT", NumberOfSeriesRelatedInstances = { min = 20 } }\n'
+        ),
+    )
+    study = small_study(tmp_path / "study", seed=11)
+    node.start()
+    try:
+        send_as(node, "MODALITY", study.files)
+
+        def deliveries() -> list[dict[str, Any]]:
+            return list(node.cli_json("deliveries", "list"))
+
+        def orthanc_retried() -> bool:
+            rows = [d for d in deliveries() if d["peer"] == "orthanc"]
+            return len(rows) == 2 and all(d["attempts"] >= 2 for d in rows)
+
+        wait_for(orthanc_retried, 180, "deliveries to the down PACS retried", interval=1)
+        rows = [d for d in deliveries() if d["peer"] == "orthanc"]
+        assert {d["state"] for d in rows} == {"PENDING"}
+        assert all("no association" in d["last_error"] for d in rows)
+
+        orthanc.start()  # the PACS is back
+
+        def orthanc_done() -> bool:
+            return {d["state"] for d in deliveries() if d["peer"] == "orthanc"} == {"DONE"}
+
+        wait_for(orthanc_done, 120, "deliveries done once the PACS is back", interval=1)
+        found = results_in(orthanc, study.study_instance_uid)
+        assert (len(found["SEG"]), len(found["SR"])) == (1, 1)
+
+        def gone_failed() -> bool:
+            return {d["state"] for d in deliveries() if d["peer"] == "gone"} == {"FAILED"}
+
+        wait_for(gone_failed, 120, "deliveries to a dead peer FAILED", interval=1)
+        failed = [d for d in deliveries() if d["peer"] == "gone"]
+        assert all(d["attempts"] == 4 and "no association" in d["last_error"] for d in failed)
+        (job,) = node.cli_json("jobs", "list")
+        assert job["state"] == "ENCODED"  # visible: not every destination has it
+
+        # The site fixes the peer and retries from the CLI.
+        received = tmp_path / "gone-fixed"
+        received.mkdir()
+        storescp = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", "GONE", "-od", str(received), str(gone_port)],
+            env=TOOL_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: echoscu_ok("GONE", gone_port), 20, "storescp")
+            for d in failed:
+                retried = node.cli("deliveries", "retry", str(d["id"]))
+                assert retried.returncode == 0, retried.stderr
+            wait_for(lambda: len(list(received.iterdir())) == 2, 120, "retried deliveries")
+            wait_for(
+                lambda: node.cli_json("jobs", "list")[0]["state"] == "DELIVERED", 60, "delivered"
+            )
+        finally:
+            storescp.terminate()
+            storescp.wait(10)
+    finally:
+        node.stop()
+
+
+# --- peers that stall, flood, or never release --------------------------------------------
+
+
+def _associate(port: int, calling_ae: str) -> Any:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="PACSAI")
+
+
+def test_stalled_flooding_and_unreleased_peers_do_not_starve_others(tmp_path: Path) -> None:
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_node={
+            "max_associations": 6,
+            "acse_timeout_s": 2,
+            "dimse_timeout_s": 3,
+            "network_timeout_s": 3,
+        },
+    )
+    node.start()
+    held: list[Any] = []
+    raw: list[socket.socket] = []
+    try:
+        # 1. Connects and never sends an A-ASSOCIATE-RQ.
+        raw.append(socket.create_connection(("127.0.0.1", node.port)))
+        # 2. Stalls inside a PDU: announces 1000 bytes of A-ASSOCIATE-RQ, sends 10.
+        stalled = socket.create_connection(("127.0.0.1", node.port))
+        stalled.sendall(struct.pack(">BBL", 0x01, 0, 1000) + bytes(10))
+        raw.append(stalled)
+        # The node still serves a well-behaved peer meanwhile.
+        assert echoscu_ok(node.ae_title, node.port)
+
+        # 3. Opens associations until refused, and never releases them.
+        refused = 0
+        for i in range(10):
+            assoc = _associate(node.port, f"FLOOD{i}")
+            if assoc.is_established:
+                held.append(assoc)
+            else:
+                refused += 1
+                assert assoc.is_rejected  # a proper A-ASSOCIATE-RJ, not a dropped connection
+        assert refused >= 4 and len(held) <= 6
+
+        # The stalled and idle ones are timed out (network/ACSE timeouts), which frees room.
+        for sock in raw:
+            sock.settimeout(15)
+            assert sock.recv(4096) is not None  # returns (b"" or an abort) once dropped
+        wait_for(lambda: not any(a.is_established for a in held), 30, "idle associations dropped")
+        started = time.monotonic()
+        assert echoscu_ok(node.ae_title, node.port)
+        assert time.monotonic() - started < 5
+        assert node.process is not None and node.process.poll() is None
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.abort()
+        for sock in raw:
+            sock.close()
+        node.stop()
