@@ -3,25 +3,44 @@
 Each command reads the configuration once (``--config`` / ``PACS_AI_CONFIG`` /
 ``./pacs-ai.toml``) and passes it down. Listings take ``--json`` for scripts.
 Exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration.
+
+The commands that inspect and act on a node's records (studies, jobs, deliveries, rules,
+status, worklist, reviews) live in :mod:`pacs_ai.commands`; with ``--url`` and ``--token``
+(or ``PACS_AI_URL``, ``PACS_AI_TOKEN``) they ask a node over HTTP instead of the local
+database, and print the same.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pacs_ai import __version__
-from pacs_ai.config import Settings, config_path, load_settings, parse_peer
+from pacs_ai.commands import records, rules, status, worklist
+from pacs_ai.commands.common import (
+    ConfigOption,
+    JsonOption,
+    TokenOption,
+    UrlOption,
+    err,
+    open_admin,
+    out,
+)
+from pacs_ai.commands.common import dump as _dump
+from pacs_ai.commands.common import fail as _fail
+from pacs_ai.commands.common import open_engine as _engine
+from pacs_ai.commands.common import print_config_error as _print_config_error
+from pacs_ai.commands.common import settings_from as _settings
+from pacs_ai.commands.common import when as _when
+from pacs_ai.config import PeerSettings, Settings, config_path, load_settings, parse_peer
 from pacs_ai.errors import ConfigError, PacsAiError
 
 app = typer.Typer(
@@ -31,49 +50,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
-studies_app = typer.Typer(help="Studies the node holds.", no_args_is_help=True)
-rules_app = typer.Typer(
-    help="Routing rules: check them, or see why they fired.", no_args_is_help=True
-)
 app.add_typer(config_app, name="config")
-app.add_typer(studies_app, name="studies")
-app.add_typer(rules_app, name="rules")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML file; default $PACS_AI_CONFIG, then ./pacs-ai.toml."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        _print_config_error(exc)
-        raise typer.Exit(2) from None
-
-
-def _print_config_error(exc: ConfigError) -> None:
-    err.print(f"[red]invalid configuration[/red] ({exc.source}):")
-    for key, message in exc.problems:
-        err.print(f"  {key or '(file)'}: {message}")
-
-
-def _dump(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
 def _version(value: bool) -> None:
@@ -211,6 +188,18 @@ def config_check(config: ConfigOption = None, json_out: JsonOption = False) -> N
 # --- echo / send ---------------------------------------------------------------------------
 
 
+TlsOption = Annotated[
+    bool,
+    typer.Option(
+        "--tls", help="Use DICOM TLS (certificates from [tls]); configured peers say tls = true."
+    ),
+]
+
+
+def _with_tls(peer: PeerSettings, tls: bool) -> PeerSettings:
+    return peer.model_copy(update={"tls": True}) if tls else peer
+
+
 @app.command()
 def echo(
     target: Annotated[str, typer.Argument(help="AE@host:port, or the name of a configured peer.")],
@@ -219,15 +208,19 @@ def echo(
         str | None, typer.Option(help="Our AE title; default node.ae_title.")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
+    tls: TlsOption = False,
 ) -> None:
     """C-ECHO a peer."""
     from pacs_ai.dicom.scu import echo as c_echo
+    from pacs_ai.dicom.tls import for_peer
 
     settings = _settings(config)
     try:
-        peer = parse_peer(target, settings)
+        peer = _with_tls(parse_peer(target, settings), tls)
         start = time.perf_counter()
-        status = c_echo(peer, calling_ae or settings.node.ae_title, timeout)
+        status = c_echo(
+            peer, calling_ae or settings.node.ae_title, timeout, for_peer(settings.tls, peer)
+        )
     except PacsAiError as exc:
         _fail(str(exc))
     took = (time.perf_counter() - start) * 1000
@@ -250,14 +243,17 @@ def send(
         str | None, typer.Option(help="Our AE title; default node.ae_title.")
     ] = None,
     json_out: JsonOption = False,
+    tls: TlsOption = False,
 ) -> None:
     """C-STORE files to a peer, byte for byte, with a progress bar and a summary per status."""
     from pacs_ai.dicom import scu
     from pacs_ai.dicom.status import describe
+    from pacs_ai.dicom.tls import for_peer
 
     settings = _settings(config)
     try:
-        peer = parse_peer(to, settings)
+        peer = _with_tls(parse_peer(to, settings), tls)
+        tls_context = for_peer(settings.tls, peer)
     except PacsAiError as exc:
         _fail(str(exc), 2)
     report = scu.SendReport()
@@ -283,6 +279,7 @@ def send(
                 associations,
                 report,
                 on_sent=lambda *_: progress.advance(task),
+                tls=tls_context,
             )
         except PacsAiError as exc:
             _fail(str(exc))
@@ -304,451 +301,6 @@ def send(
             label = f"0x{status:04X}" if status >= 0 else "none"
             out.print(f"  failed {path}: {label} {comment}")
     if not report.ok:
-        raise typer.Exit(1)
-
-
-# --- studies -------------------------------------------------------------------------------
-
-
-def _engine(settings: Settings) -> Any:
-    from pacs_ai.storage.db import open_database
-
-    try:
-        return open_database(settings.database_url)
-    except PacsAiError as exc:
-        _fail(str(exc))
-
-
-def _receptions(engine: Any, study_uid: str) -> list[Any]:
-    from pacs_ai.storage import index
-
-    found = index.find_studies(engine, study_uid)
-    if not found:
-        _fail(f"no study {study_uid} on this node (see `pacs-ai studies list`)")
-    return found
-
-
-@studies_app.command("list")
-def studies_list(
-    config: ConfigOption = None,
-    state: Annotated[str | None, typer.Option(help="RECEIVING or COMPLETE.")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 1000,
-    json_out: JsonOption = False,
-) -> None:
-    """Studies held, newest first, with state and counts."""
-    from pacs_ai.storage import index
-    from pacs_ai.storage.schema import STUDY_STATES
-
-    if state is not None and state.upper() not in STUDY_STATES:
-        _fail(f"--state must be one of {', '.join(STUDY_STATES)}", 2)
-    settings = _settings(config)
-    rows = index.list_studies(_engine(settings), state.upper() if state else None, limit)
-    if json_out:
-        _dump([r.as_json() for r in rows])
-        return
-    table = Table(title=f"{len(rows)} studies")
-    # UIDs are what an admin copies into the next command: never shorten them.
-    table.add_column("study instance uid", no_wrap=True, min_width=20)
-    for name in ("from", "state", "patient id", "accession", "date"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("description", overflow="ellipsis", max_width=24)
-    for name in ("mod", "series", "inst", "last received"):
-        table.add_column(name, no_wrap=True)
-    for r in rows:
-        table.add_row(
-            r.study_instance_uid,
-            r.calling_ae,
-            r.state,
-            r.patient_id,
-            r.accession_number,
-            r.study_date,
-            r.study_description,
-            r.modalities,
-            str(r.series_count),
-            str(r.instance_count),
-            _when(r.last_received_at),
-        )
-    out.print(table)
-
-
-@studies_app.command("show")
-def studies_show(
-    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
-    config: ConfigOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """One study: state, counts, and its series."""
-    from pacs_ai.storage import index
-
-    engine = _engine(_settings(config))
-    found = _receptions(engine, study_uid)
-    if json_out:
-        _dump(
-            [
-                {**s.as_json(), "series": [x.as_json() for x in index.list_series(engine, s.id)]}
-                for s in found
-            ]
-        )
-        return
-    for s in found:
-        out.print(f"[bold]Study {s.study_instance_uid}[/bold] from {s.calling_ae}: {s.state}")
-        out.print(
-            f"  patient id {s.patient_id or '-'}, accession {s.accession_number or '-'}, "
-            f"date {s.study_date or '-'}, {s.study_description or 'no description'}"
-        )
-        out.print(
-            f"  {s.series_count} series, {s.instance_count} instances, {s.duplicates} duplicates"
-        )
-        out.print(
-            f"  first {_when(s.first_received_at)}, last {_when(s.last_received_at)}, "
-            f"completed {_when(s.completed_at)} ({s.completions}x, reopened {s.reopened}x)"
-        )
-        table = Table()
-        table.add_column("series instance uid", no_wrap=True, min_width=20)
-        for name in ("#", "modality", "description", "body part", "instances"):
-            table.add_column(name)
-        for x in index.list_series(engine, s.id):
-            table.add_row(
-                x.series_instance_uid,
-                str(x.series_number or ""),
-                x.modality,
-                x.series_description,
-                x.body_part_examined,
-                str(x.instance_count),
-            )
-        out.print(table)
-
-
-# --- rules ---------------------------------------------------------------------------------
-
-
-@rules_app.command("check")
-def rules_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """Validate the routing rules: syntax, peers, and that every model is installed."""
-    from pacs_ai.errors import ModelLoadError
-    from pacs_ai.models.registry import available, register_dirs
-
-    settings = _settings(config)
-    try:
-        register_dirs(settings.models.paths)
-    except ModelLoadError as exc:
-        _fail(str(exc), 2)
-    models = available()
-    problems = [
-        f"rule {rule.name!r}: model {model!r} is not installed (installed: {', '.join(models)})"
-        for rule in settings.rules
-        for model in rule.models
-        if model not in models
-    ]
-    if json_out:
-        _dump(
-            {
-                "valid": not problems,
-                "problems": problems,
-                "rules": [
-                    r.model_dump(mode="json", by_alias=True, exclude_none=True)
-                    for r in settings.rules
-                ],
-            }
-        )
-    else:
-        for rule in settings.rules:
-            state = "" if rule.enabled else " (disabled)"
-            when = ", ".join(f"{k} {_condition_text(c)}" for k, c in rule.match.items()) or "always"
-            does = [f"run {', '.join(rule.models)}"] if rule.models else []
-            if rule.forward:
-                does.append(f"forward {rule.forward_level} to {', '.join(rule.forward)}")
-            out.print(
-                f"rule [bold]{rule.name}[/bold]{state}: when {when} -> {'; '.join(does)} "
-                f"[{rule.priority.value}], results to "
-                f"{', '.join(rule.results_to) or 'the sender'}"
-            )
-        for problem in problems:
-            err.print(f"[red]error:[/red] {problem}")
-        if not problems:
-            out.print(f"[green]{len(settings.rules)} rule(s) valid[/green]")
-    if problems:
-        raise typer.Exit(2)
-
-
-def _condition_text(condition: Any) -> str:
-    parts = condition.model_dump(exclude_none=True, by_alias=True)
-    return " ".join(f"{op}={value}" for op, value in parts.items())
-
-
-@rules_app.command("explain")
-def rules_explain(
-    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
-    config: ConfigOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """For each rule and series of a study: matched or not, and which condition decided."""
-    from pacs_ai.pipeline.facts import series_facts
-    from pacs_ai.pipeline.route import explain
-
-    settings = _settings(config)
-    engine = _engine(settings)
-    receptions = _receptions(engine, study_uid)
-    report = []
-    for reception in receptions:
-        facts = series_facts(engine, reception.id)
-        for decision in explain(settings.rules, facts):
-            report.append(
-                {
-                    "calling_ae": reception.calling_ae,
-                    "series_instance_uid": decision.series_instance_uid,
-                    "series_description": next(
-                        f.values["SeriesDescription"]
-                        for f in facts
-                        if f.series_instance_uid == decision.series_instance_uid
-                    ),
-                    "rule": decision.rule,
-                    "matched": decision.matched,
-                    "conditions": [c.__dict__ for c in decision.conditions],
-                }
-            )
-    if json_out:
-        _dump(report)
-        return
-    for item in report:
-        mark = "[green]MATCH[/green]" if item["matched"] else "[dim]no[/dim]"
-        out.print(
-            f"{mark} rule {item['rule']} on series {item['series_instance_uid']} "
-            f"({item['series_description'] or 'no description'}) from {item['calling_ae']}"
-        )
-        for c in item["conditions"]:
-            sign = "ok " if c["passed"] else "[red]FAIL[/red]"
-            out.print(f"    {sign} {c['keyword']}: {c['reason']}")
-    if not any(item["matched"] for item in report):
-        out.print("no rule matches this study: it is kept, and nothing runs on it")
-
-
-# --- jobs and deliveries -------------------------------------------------------------------
-
-jobs_app = typer.Typer(help="AI jobs: one model on one series.", no_args_is_help=True)
-deliveries_app = typer.Typer(
-    help="Results and forwards on their way to peers.", no_args_is_help=True
-)
-app.add_typer(jobs_app, name="jobs")
-app.add_typer(deliveries_app, name="deliveries")
-
-
-def _job_json(row: Any) -> dict[str, Any]:
-    data = dict(row._mapping)
-    data["timings"] = json.loads(data["timings"] or "{}")
-    data["findings"] = json.loads(data["findings"]) if data["findings"] else None
-    return data
-
-
-@jobs_app.command("list")
-def jobs_list(
-    config: ConfigOption = None,
-    state: Annotated[
-        str | None, typer.Option(help="QUEUED, RUNNING, ENCODED, DELIVERED, ...")
-    ] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 200,
-    json_out: JsonOption = False,
-) -> None:
-    """Jobs, newest first."""
-    from pacs_ai.pipeline import jobs
-    from pacs_ai.storage.schema import JOB_STATES
-
-    if state is not None and state.upper() not in JOB_STATES:
-        _fail(f"--state must be one of {', '.join(JOB_STATES)}", 2)
-    rows = jobs.job_rows(_engine(_settings(config)), state.upper() if state else None, limit)
-    if json_out:
-        _dump([_job_json(r) for r in rows])
-        return
-    table = Table(title=f"{len(rows)} jobs")
-    table.add_column("id", justify="right")
-    for name in ("state", "model", "rule", "priority", "attempts"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("series instance uid", no_wrap=True, min_width=20)
-    table.add_column("reason", overflow="ellipsis", max_width=40)
-    table.add_column("updated", no_wrap=True)
-    for r in rows:
-        table.add_row(
-            str(r.id),
-            r.state,
-            r.model,
-            r.rule,
-            r.priority,
-            f"{r.attempts}/{r.max_attempts}",
-            r.series_instance_uid,
-            r.reason,
-            _when(r.updated_at),
-        )
-    out.print(table)
-
-
-@jobs_app.command("show")
-def jobs_show(job_id: int, config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """One job: state, timings, findings, and its deliveries."""
-    from pacs_ai.pipeline import jobs
-
-    engine = _engine(_settings(config))
-    found = [r for r in jobs.job_rows(engine, limit=1_000_000) if r.id == job_id]
-    if not found:
-        _fail(f"no job {job_id} (see `pacs-ai jobs list`)")
-    data = _job_json(found[0])
-    data["deliveries"] = [dict(d._mapping) for d in jobs.delivery_rows(engine, job_id=job_id)]
-    if json_out:
-        _dump(data)
-        return
-    for key in (
-        "id",
-        "state",
-        "reason",
-        "model",
-        "rule",
-        "priority",
-        "attempts",
-        "worker",
-        "study_instance_uid",
-        "series_instance_uid",
-        "destinations",
-        "timings",
-        "findings",
-    ):
-        out.print(f"{key:20} {data[key]}")
-    for d in data["deliveries"]:
-        out.print(
-            f"delivery {d['id']}: {d['kind']} to {d['peer']} {d['state']} "
-            f"(attempts {d['attempts']}) {d['last_error']}"
-        )
-
-
-@jobs_app.command("retry")
-def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
-    """Put a FAILED, CANCELED or SKIPPED job back in the queue (the node enqueues it)."""
-    from pacs_ai.pipeline import jobs
-
-    if not jobs.retry(_engine(_settings(config)), job_id, time.time()):
-        _fail(f"job {job_id} is not FAILED, CANCELED or SKIPPED (or does not exist)")
-    out.print(f"job {job_id} QUEUED; the node's reconciler sends it to a worker")
-
-
-@jobs_app.command("cancel")
-def jobs_cancel(job_id: int, config: ConfigOption = None) -> None:
-    """Cancel a job that has not been delivered."""
-    from pacs_ai.pipeline import jobs
-
-    if not jobs.cancel(_engine(_settings(config)), job_id, time.time()):
-        _fail(f"job {job_id} is already finished (or does not exist)")
-    out.print(f"job {job_id} CANCELED")
-
-
-@deliveries_app.command("list")
-def deliveries_list(
-    config: ConfigOption = None,
-    state: Annotated[str | None, typer.Option(help="PENDING, SENDING, DONE, FAILED.")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 200,
-    json_out: JsonOption = False,
-) -> None:
-    """Deliveries, newest first, with the last error."""
-    from pacs_ai.pipeline import jobs
-
-    rows = jobs.delivery_rows(
-        _engine(_settings(config)), state.upper() if state else None, limit=limit
-    )
-    if json_out:
-        _dump([dict(r._mapping) for r in rows])
-        return
-    table = Table(title=f"{len(rows)} deliveries")
-    for name in ("id", "job", "kind", "peer", "state", "attempts", "last error", "updated"):
-        table.add_column(name)
-    for r in rows:
-        table.add_row(
-            str(r.id),
-            str(r.job_id or "-"),
-            r.kind,
-            r.peer,
-            r.state,
-            f"{r.attempts}/{r.max_attempts}",
-            r.last_error,
-            _when(r.updated_at),
-        )
-    out.print(table)
-
-
-@deliveries_app.command("retry")
-def deliveries_retry(delivery_id: int, config: ConfigOption = None) -> None:
-    """Send a FAILED delivery again, with a fresh attempt budget."""
-    from pacs_ai.pipeline import jobs
-
-    if not jobs.retry_delivery(_engine(_settings(config)), delivery_id, time.time()):
-        _fail(f"delivery {delivery_id} is not FAILED (or does not exist)")
-    out.print(f"delivery {delivery_id} PENDING; the node's reconciler sends it")
-
-
-# --- status --------------------------------------------------------------------------------
-
-
-@app.command()
-def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """Node health: listener, data dir, free disk, counts."""
-    from pacs_ai.config import PeerSettings
-    from pacs_ai.dicom.scu import echo as c_echo
-    from pacs_ai.storage import index
-    from pacs_ai.storage.spool import Spool
-
-    settings = _settings(config)
-    node = settings.node
-    host = (
-        "127.0.0.1" if node.bind in ("0.0.0.0", "") else ("::1" if node.bind == "::" else node.bind)
-    )
-    try:
-        listening = (
-            c_echo(
-                PeerSettings(name="self", ae_title=node.ae_title, host=host, port=node.dicom_port),
-                node.ae_title,
-                3.0,
-            )
-            == 0
-        )
-    except PacsAiError:
-        listening = False
-    spool = Spool(node.data_dir, int(settings.storage.reserve_mb * 2**20))
-    spool.prepare()
-    disk = shutil.disk_usage(node.data_dir)
-    counts = index.totals(_engine(settings))
-    data: dict[str, Any] = {
-        "ae_title": node.ae_title,
-        "dicom": {"bind": node.bind, "port": node.dicom_port, "listening": listening},
-        "http_port": node.http_port,
-        "data_dir": str(node.data_dir.resolve()),
-        "database": settings.database_url.split("@")[-1]
-        if "@" in settings.database_url
-        else settings.database_url,
-        "disk": {
-            "free_bytes": disk.free,
-            "total_bytes": disk.total,
-            "reserve_bytes": spool.reserve_bytes,
-            "below_reserve": disk.free < spool.reserve_bytes,
-        },
-        "counts": {**counts, "quarantined": spool.quarantine_count()},
-    }
-    if json_out:
-        _dump(data)
-        return
-    mark = "[green]listening[/green]" if listening else "[red]not answering C-ECHO[/red]"
-    out.print(
-        f"AE {node.ae_title}: DICOM {node.bind}:{node.dicom_port} {mark}; "
-        f"HTTP port {node.http_port}"
-    )
-    out.print(
-        f"data dir {data['data_dir']}: {disk.free / 2**30:.1f} GiB free of "
-        f"{disk.total / 2**30:.1f} GiB (reserve {spool.reserve_bytes / 2**20:.0f} MiB)"
-        + (" [red]BELOW RESERVE: refusing images[/red]" if disk.free < spool.reserve_bytes else "")
-    )
-    out.print(f"database {data['database']}")
-    out.print(
-        f"studies: {counts['studies_receiving']} receiving, {counts['studies_complete']} complete; "
-        f"{counts['series']} series, {counts['instances']} instances "
-        f"({counts['bytes'] / 2**20:.1f} MiB), {counts['duplicates']} duplicates, "
-        f"{data['counts']['quarantined']} quarantined"
-    )
-    if not listening:
         raise typer.Exit(1)
 
 
@@ -778,16 +330,21 @@ def tokens_create(
         token = tokens.create(_engine(settings), name, role, time.time(), peer=peer)
     except PacsAiError as exc:
         _fail(str(exc), 2)
+    _audit_token_change(settings, "created", name, role)
     err.print(f"token {name!r} ({role}) created; store it now, it cannot be shown again:")
     sys.stdout.write(token + "\n")
 
 
 @tokens_app.command("list")
-def tokens_list(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+def tokens_list(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
     """Tokens by name and role (never the tokens themselves)."""
-    from pacs_ai.storage import tokens
-
-    rows = tokens.list_tokens(_engine(_settings(config)))
+    with open_admin(config, url, token) as node:
+        rows = node.tokens_list()
     if json_out:
         _dump(rows)
         return
@@ -809,11 +366,149 @@ def tokens_revoke(name: str, config: ConfigOption = None) -> None:
     """Revoke a token by name; it stops working at once and stays listed as revoked."""
     from pacs_ai.storage import tokens
 
+    settings = _settings(config)
     try:
-        tokens.revoke(_engine(_settings(config)), name, time.time())
+        tokens.revoke(_engine(settings), name, time.time())
     except PacsAiError as exc:
         _fail(str(exc))
+    _audit_token_change(settings, "revoked", name, "")
     out.print(f"token {name!r} revoked")
+
+
+def _audit_token_change(settings: Settings, change: str, name: str, role: str) -> None:
+    import getpass
+
+    from pacs_ai.audit.events import AuditEvent, Kind
+    from pacs_ai.audit.trail import Auditor
+
+    auditor = Auditor(_engine(settings), settings)
+    try:
+        auditor.record(
+            AuditEvent(
+                Kind.SECURITY_ATTRIBUTES_CHANGED,
+                actor=getpass.getuser(),
+                target=f"token:{name}",
+                detail={"change": change, **({"role": role} if role else {})},
+            )
+        )
+    finally:
+        auditor.close()
+
+
+# --- retention -----------------------------------------------------------------------------
+
+
+@app.command()
+def purge(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+    keep_days: Annotated[
+        float | None, typer.Option(min=0, help="Override retention.keep_days.")
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Remove source images of studies whose results are delivered ([retention] policy).
+
+    Never before: every job must have ended and every delivery be DONE, and nothing may have
+    arrived for keep_days. Index rows, results, reviews and the audit trail stay.
+    """
+    from pacs_ai.audit.trail import Auditor
+    from pacs_ai.storage import retention
+    from pacs_ai.storage.spool import Spool
+
+    settings = _settings(config)
+    if keep_days is not None:
+        settings = settings.model_copy(
+            update={"retention": settings.retention.model_copy(update={"keep_days": keep_days})}
+        )
+    engine = _engine(settings)
+    now = time.time()
+    if dry_run:
+        found = retention.candidates(engine, settings, now)
+    else:
+        auditor = Auditor(engine, settings)
+        try:
+            found = retention.purge(
+                engine, settings, Spool(settings.node.data_dir, 0), now, auditor
+            )
+        finally:
+            auditor.close()
+    if json_out:
+        _dump({"dry_run": dry_run, "studies": [vars(p) for p in found]})
+        return
+    verb = "would purge" if dry_run else "purged"
+    total = sum(p.bytes for p in found)
+    for p in found:
+        out.print(f"{verb} {p.study_instance_uid}: {p.instances} instances")
+    out.print(f"{verb} {len(found)} studies, {total / 2**20:.1f} MiB")
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+audit_app = typer.Typer(help="The audit trail (append-only).")
+app.add_typer(audit_app, name="audit", no_args_is_help=True)
+
+
+@audit_app.command("export")
+def audit_export(
+    config: ConfigOption = None,
+    since: Annotated[
+        str | None, typer.Option(help="Oldest event: YYYY-MM-DD, an ISO time, or UNIX seconds.")
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only this kind, e.g. instances-received.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json or csv.")] = "json",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write here, not stdout.")] = None,
+) -> None:
+    """Export the audit trail (who sent, viewed, reviewed, changed what; security alerts)."""
+    import csv
+    import io
+
+    from pacs_ai.audit import trail
+
+    if fmt not in ("json", "csv"):
+        _fail(f"--format {fmt!r}: use json or csv", 2)
+    if kind is not None and kind not in trail.kinds():
+        _fail(f"--kind {kind!r}: use one of {', '.join(trail.kinds())}", 2)
+    start = _parse_since(since) if since else None
+    rows = trail.rows(_engine(_settings(config)), start, kind)
+    if fmt == "json":
+        text = json.dumps(rows, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(trail.COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "detail": json.dumps(row["detail"])})
+        text = buffer.getvalue()
+    if out_file is None:
+        sys.stdout.write(text)
+    else:
+        out_file.write_text(text, encoding="utf-8")
+        err.print(f"{len(rows)} audit events written to {out_file}")
+
+
+def _parse_since(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        _fail(f"--since {value!r}: use YYYY-MM-DD, an ISO time, or UNIX seconds", 2)
+
+
+# --- the records: studies, jobs, deliveries, rules, status, worklist (pacs_ai/commands) ---
+
+app.command("status")(status.status)
+app.command("worklist")(worklist.worklist)
+app.add_typer(records.studies_app, name="studies")
+app.add_typer(rules.rules_app, name="rules")
+app.add_typer(records.jobs_app, name="jobs")
+app.add_typer(records.deliveries_app, name="deliveries")
+app.add_typer(worklist.reviews_app, name="reviews")
 
 
 def main() -> None:

@@ -11,7 +11,12 @@
      ├── NotAVolume             a series cannot become a 3D volume (the reason says why)
      ├── NetworkError           a DICOM peer could not be reached or refused us
      ├── ModelLoadError         a model folder (manifest, network file, bundle) cannot be loaded
-     └── UnknownModel           no installed or registered model has the name asked for
+     ├── UnknownModel           no installed or registered model has the name asked for
+     ├── TokenError             an API token operation was refused
+     ├── NotFound               no study, job or delivery with that UID or id
+     ├── WrongState             the object's state does not allow the action (retry, cancel)
+     ├── InvalidArgument        a filter or option value is not one the node knows
+     └── RemoteError            a remote node's API refused or could not be reached
 
 Every error carries a message that names what is wrong and, where we can, how to fix it.
 """
@@ -106,5 +111,25 @@ class TokenError(PacsAiError):
     """An API token operation was refused (unknown role, name taken, no such token)."""
 
 
+class NotFound(PacsAiError):
+    """No study, job or delivery has the UID or id asked for (HTTP 404)."""
+
+
+class WrongState(PacsAiError):
+    """The object exists but its state does not allow the action, e.g. retrying a job that
+    is still running (HTTP 409)."""
+
+
+class InvalidArgument(PacsAiError):
+    """A filter or option value is not one the node knows, e.g. an unknown job state (HTTP 400)."""
+
+
 class RemoteError(PacsAiError):
-    """A remote node's API (``pacs-ai --url``) refused or could not be reached."""
+    """A remote node's API (``pacs-ai … --url``) refused or could not be reached.
+
+    ``status`` is the HTTP status the node answered with, or None when it was not reached.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)

@@ -206,6 +206,8 @@ class OrthancProcess:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     dicomweb: bool = False
+    # Merged into the configuration last, e.g. {"DicomWeb": {"Servers": {...}}}.
+    extra_config: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -230,6 +232,7 @@ class OrthancProcess:
             "StorageCompression": False,
             "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if self.dicomweb else [],
             "HttpTimeout": 60,
+            **self.extra_config,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from pacs_ai.node import make_ingest
 from pacs_ai.storage import tokens
 from pacs_ai.web.app import create_app
 from pacs_ai.web.context import WebContext
+from pacs_ai.web.server import HttpServer
+from tests.peers import free_port
 
 
 @contextmanager
@@ -45,3 +48,17 @@ def bearer(ctx: WebContext, role: str, name: str = "", peer: str = "") -> dict[s
         ctx.engine, name or f"t-{role}-{time.monotonic_ns()}", role, time.time(), peer
     )
     return {"Authorization": f"Bearer {token}"}
+
+
+@contextmanager
+def served(ctx: WebContext) -> Iterator[str]:
+    """The same app on a real loopback port, as ``pacs-ai serve`` runs it; yields its URL."""
+    node = ctx.settings.node.model_copy(update={"http_port": free_port(), "bind": "127.0.0.1"})
+    server = HttpServer(
+        dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"node": node}))
+    )
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()

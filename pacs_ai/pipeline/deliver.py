@@ -13,6 +13,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from pacs_ai.audit.events import AuditEvent, Kind, Outcome
+from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import PeerSettings
 from pacs_ai.dicom import scu
 from pacs_ai.dicom.status import describe
@@ -22,7 +24,7 @@ from pacs_ai.errors import PacsAiError
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import WorkerContext
 from pacs_ai.pipeline.jobs import ClaimedDelivery
-from pacs_ai.storage.schema import SOURCE, instances, series
+from pacs_ai.storage.schema import SOURCE, instances, series, studies
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,34 @@ def _stow(url: str, paths: list[Path], timeout_s: float) -> str:
     return f"STOW-RS HTTP {result.status}"
 
 
+def _audit(
+    ctx: WorkerContext, delivery: ClaimedDelivery, peer: PeerSettings | None, error: str
+) -> None:
+    with ctx.engine.connect() as conn:
+        study_uid = conn.execute(
+            select(studies.c.study_instance_uid).where(studies.c.id == delivery.study_id)
+        ).scalar_one_or_none()
+    auditor = Auditor(ctx.engine, ctx.settings)
+    try:
+        auditor.record(
+            AuditEvent(
+                Kind.INSTANCES_SENT,
+                actor=peer.ae_title if peer is not None else delivery.peer,
+                address=peer.host if peer is not None else "",
+                outcome=Outcome.SUCCESS if not error else Outcome.MINOR_FAILURE,
+                target=study_uid or "",
+                detail={
+                    "peer": delivery.peer,
+                    "kind": delivery.kind,
+                    "delivery": delivery.id,
+                    **({"error": error} if error else {}),
+                },
+            )
+        )
+    finally:
+        auditor.close()
+
+
 def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
     delivery = jobs.claim_delivery(ctx.engine, delivery_id, ctx.clock())
     if delivery is None:
@@ -95,6 +125,7 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
             error = str(exc)
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
+    _audit(ctx, delivery, peer, error)
     if not error:
         jobs.delivered(ctx.engine, delivery, ctx.clock())
         logger.info("delivery %d (%s) to %s DONE", delivery_id, delivery.kind, delivery.peer)

@@ -22,6 +22,7 @@ from pacs_ai.pipeline.assemble import StudyCompleted
 from pacs_ai.pipeline.facts import series_facts
 from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
 from pacs_ai.pipeline.route import Priority, evaluate
+from pacs_ai.worklist.priority import refresh as refresh_worklist
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Dispatcher:
             self.settings.delivery.max_attempts,
             self.clock(),
         )
+        # The worklist shows the study at its planned priority before any model has run.
+        refresh_worklist(self.engine, self.settings.rules, done.study_id)
         logger.info(
             "study %s: %d job(s), %d forward(s) from rules %s",
             done.study_instance_uid,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, func, select
 
 from pacs_ai.pipeline.route import SeriesFacts
-from pacs_ai.storage.schema import instances, series, studies
+from pacs_ai.storage.schema import SOURCE, instances, series, studies
 
 
 def series_facts(engine: Engine, study_id: int) -> list[SeriesFacts]:
@@ -29,8 +29,9 @@ def series_facts(engine: Engine, study_id: int) -> list[SeriesFacts]:
             func.count(instances.c.id).label("instance_count"),
         )
         .select_from(
-            series.join(studies, studies.c.id == series.c.study_id).outerjoin(
-                instances, instances.c.series_id == series.c.id
+            # Received instances only: the node's own SEG/SR series never meet the rules.
+            series.join(studies, studies.c.id == series.c.study_id).join(
+                instances, and_(instances.c.series_id == series.c.id, instances.c.kind == SOURCE)
             )
         )
         .where(series.c.study_id == study_id)

@@ -21,8 +21,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_ai.config import Settings
+from pacs_ai.dicom.header import read_header
 from pacs_ai.errors import NotAVolume, PacsAiError
 from pacs_ai.imaging.volume import build_volume, in_volume_order, load_series
 from pacs_ai.models.base import Model, ModelManifest, Prediction
@@ -31,9 +33,11 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
 from pacs_ai.results.seg import build_seg
 from pacs_ai.results.sr import build_sr
-from pacs_ai.storage.schema import RUNNING, instances
+from pacs_ai.storage import index
+from pacs_ai.storage.schema import RUNNING, SOURCE, instances
 from pacs_ai.storage.schema import jobs as jobs_table
 from pacs_ai.storage.spool import write_durable
+from pacs_ai.worklist.priority import refresh as refresh_worklist
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +123,9 @@ class LeaseKeeper:
 def series_paths(engine: Engine, spool_root: Path, series_id: int) -> list[Path]:
     with engine.connect() as conn:
         rows = conn.execute(
-            select(instances.c.path).where(instances.c.series_id == series_id)
+            select(instances.c.path).where(
+                instances.c.series_id == series_id, instances.c.kind == SOURCE
+            )
         ).scalars()
         return [spool_root / p for p in rows]
 
@@ -142,6 +148,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
             outputs, timings, findings = _infer(ctx, job)
         except (NotAVolume, Unsuitable) as exc:
             jobs.skip(ctx.engine, job_id, str(exc), ctx.clock())
+            _refresh_worklist(ctx, job)
             return "SKIPPED"
         except Exception as exc:
             # The task edge: any failure is recorded on the job and retried or failed there.
@@ -151,6 +158,8 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
             )
             if state == "QUEUED":
                 ctx.enqueue_job_retry(job_id)
+            else:
+                _refresh_worklist(ctx, job)
             return state
     delivery_ids = jobs.encoded(
         ctx.engine,
@@ -163,6 +172,8 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         ctx.settings.delivery.max_attempts,
         ctx.clock(),
     )
+    # Before the sends: the findings may make the study STAT on the worklist.
+    _refresh_worklist(ctx, job)
     for delivery_id in delivery_ids:
         ctx.enqueue_delivery(delivery_id)
     logger.info(
@@ -172,6 +183,14 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         len(delivery_ids),
     )
     return "ENCODED"
+
+
+def _refresh_worklist(ctx: WorkerContext, job: ClaimedJob) -> None:
+    try:
+        refresh_worklist(ctx.engine, ctx.settings.rules, job.study_id)
+    except SQLAlchemyError as exc:
+        # The job's outcome is recorded; the study's next refresh catches the worklist up.
+        logger.warning("job %d: worklist of study %d not refreshed: %s", job.id, job.study_id, exc)
 
 
 def _check_suitable(manifest: ModelManifest, datasets: list[Dataset]) -> None:
@@ -220,19 +239,31 @@ def _encode(
     seg = None
     if prediction.labelmap.any():
         seg = build_seg(sources, prediction, manifest, job.id)
-        outputs.append(_write(ctx, folder / "SEG.dcm", seg, "SEG"))
+        outputs.append(_write(ctx, job, folder / "SEG.dcm", seg, "SEG"))
     sr = build_sr(sources, seg, prediction, manifest, job.id)
-    outputs.append(_write(ctx, folder / "SR.dcm", sr, "SR"))
+    outputs.append(_write(ctx, job, folder / "SR.dcm", sr, "SR"))
     return outputs
 
 
-def _write(ctx: WorkerContext, relative: Path, dataset: Any, kind: str) -> Output:
+def _write(ctx: WorkerContext, job: ClaimedJob, relative: Path, dataset: Any, kind: str) -> Output:
     from io import BytesIO
 
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
     data_dir = ctx.settings.node.data_dir
-    write_durable(data_dir / relative, buffer.getvalue(), ctx.settings.tmp_dir)
+    write_durable(data_dir / relative, data, ctx.settings.tmp_dir)
+    # Indexed as a result of the job's study, so QIDO-RS and WADO-RS serve it; a retry writes
+    # the same SOP Instance UID and finds the row already there.
+    index.record_result(
+        ctx.engine,
+        job.study_id,
+        read_header(data),
+        relative.as_posix(),
+        len(data),
+        ctx.settings.node.ae_title,
+        ctx.clock(),
+    )
     return Output(kind, relative.as_posix(), str(dataset.SOPInstanceUID))
 
 

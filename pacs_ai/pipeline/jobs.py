@@ -577,21 +577,35 @@ def mark_delivery_scheduled(engine: Engine, delivery_id: int, at: float) -> None
 # --- reading -------------------------------------------------------------------------------
 
 
-def job_rows(engine: Engine, state: str | None = None, limit: int = 200) -> list[Row[Any]]:
-    query = (
-        select(jobs, series.c.series_instance_uid, studies.c.study_instance_uid)
-        .select_from(
-            jobs.join(series, series.c.id == jobs.c.series_id).join(
-                studies, studies.c.id == jobs.c.study_id
-            )
+def _job_query() -> Any:
+    return select(jobs, series.c.series_instance_uid, studies.c.study_instance_uid).select_from(
+        jobs.join(series, series.c.id == jobs.c.series_id).join(
+            studies, studies.c.id == jobs.c.study_id
         )
-        .order_by(jobs.c.id.desc())
-        .limit(limit)
     )
+
+
+def job_rows(engine: Engine, state: str | None = None, limit: int = 200) -> list[Row[Any]]:
+    query = _job_query().order_by(jobs.c.id.desc()).limit(limit)
     if state:
         query = query.where(jobs.c.state == state)
     with engine.connect() as conn:
         return list(conn.execute(query).all())
+
+
+def job_row(engine: Engine, job_id: int) -> Row[Any] | None:
+    """One job as :func:`job_rows` gives it, or None."""
+    with engine.connect() as conn:
+        row: Row[Any] | None = conn.execute(_job_query().where(jobs.c.id == job_id)).first()
+    return row
+
+
+def delivery_row(engine: Engine, delivery_id: int) -> Row[Any] | None:
+    with engine.connect() as conn:
+        row: Row[Any] | None = conn.execute(
+            select(deliveries).where(deliveries.c.id == delivery_id)
+        ).first()
+    return row
 
 
 def delivery_rows(

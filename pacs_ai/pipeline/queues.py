@@ -13,6 +13,11 @@ from pacs_ai.errors import ConfigError
 
 INFER_TASK = "pacs_ai.infer"
 SEND_TASK = "pacs_ai.send"
+QUEUES = ("infer", "send")
+# kombu's Redis transport keeps one list per priority step: "infer" for step 0 and
+# "infer<sep><step>" for the others (kombu.transport.redis.Channel._q_for_pri).
+PRIORITY_STEPS = tuple(range(10))
+PRIORITY_SEP = ":"
 
 
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
@@ -43,8 +48,8 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
             # Longer than any task: Redis must never hand a running task to a second worker.
             "visibility_timeout": int(limit * 2 + 600),
             # Priorities 0 (STAT) .. 9 in separate lists, served strictly in order.
-            "priority_steps": list(range(10)),
-            "sep": ":",
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
         # The two queues are created on first use (task_create_missing_queues): "infer" for
@@ -58,3 +63,31 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, one per priority step."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS if step]
+
+
+def redis_py_url(broker_url: str) -> str:
+    """A kombu broker URL as redis-py spells it (kombu's ``redis+socket://`` is ``unix://``)."""
+    return broker_url.replace("redis+socket://", "unix://", 1)
+
+
+def queue_depths(broker_url: str, timeout_s: float = 2.0) -> dict[str, int]:
+    """Messages waiting in each queue (all priorities); raises ``redis.RedisError``."""
+    import redis
+
+    client = redis.Redis.from_url(
+        redis_py_url(broker_url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for queue in QUEUES:
+                for key in queue_keys(queue):
+                    pipe.llen(key)
+            lengths = iter(pipe.execute())
+        return {queue: sum(next(lengths) for _ in queue_keys(queue)) for queue in QUEUES}
+    finally:
+        client.close()

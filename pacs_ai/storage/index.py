@@ -11,13 +11,21 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Row, and_, bindparam, func, select, update
+from sqlalchemy import Engine, Row, and_, bindparam, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from pacs_ai.dicom.header import InstanceHeader
-from pacs_ai.storage.schema import COMPLETE, RECEIVING, instances, series, studies
+from pacs_ai.storage.schema import (
+    COMPLETE,
+    RECEIVING,
+    RESULT,
+    SOURCE,
+    instances,
+    series,
+    studies,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,57 @@ def count_duplicate(engine: Engine, sop_instance_uid: str) -> None:
             update(instances)
             .where(instances.c.sop_instance_uid == sop_instance_uid)
             .values(duplicates=instances.c.duplicates + 1)
+        )
+
+
+def _has_sources(series_id: Any) -> Any:
+    """True for a series with received instances (not only results the node made)."""
+    return exists().where(instances.c.series_id == series_id, instances.c.kind == SOURCE)
+
+
+def record_result(
+    engine: Engine,
+    study_id: int,
+    header: InstanceHeader,
+    path: str,
+    size: int,
+    made_by: str,
+    now: float,
+) -> bool:
+    """Index a result object (SEG/SR) the node wrote, in the study reception it belongs to.
+
+    ``path`` is relative to the data dir. The study's state and ``last_received_at`` are left
+    alone: a result must never reopen a study or meet the rules again. Idempotent: a retried
+    job writes the same SOP Instance UID, and the second call returns False.
+    """
+    with engine.begin() as conn:
+        _insert_ignore(
+            conn, series, _series_values(header, study_id, now), ["study_id", "series_instance_uid"]
+        )
+        series_id = conn.execute(
+            select(series.c.id).where(
+                series.c.study_id == study_id,
+                series.c.series_instance_uid == header.series_instance_uid,
+            )
+        ).scalar_one()
+        return _insert_ignore(
+            conn,
+            instances,
+            {
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "series_id": series_id,
+                "study_id": study_id,
+                "instance_number": header.instance_number,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "path": path,
+                "size_bytes": size,
+                "calling_ae": made_by,
+                "received_at": now,
+                "duplicates": 0,
+                "kind": RESULT,
+            },
+            ["sop_instance_uid"],
         )
 
 
@@ -356,6 +415,7 @@ def _study_summaries(
             func.count(instances.c.id).label("instance_count"),
             func.coalesce(func.sum(instances.c.duplicates), 0).label("duplicates"),
         )
+        .where(instances.c.kind == SOURCE)
         .group_by(instances.c.study_id)
         .subquery()
     )
@@ -378,7 +438,9 @@ def _study_summaries(
     modalities: dict[int, set[str]] = {i: set() for i in ids}
     if ids:
         for study_id, modality in conn.execute(
-            select(series.c.study_id, series.c.modality).where(series.c.study_id.in_(ids))
+            select(series.c.study_id, series.c.modality).where(
+                series.c.study_id.in_(ids), _has_sources(series.c.id)
+            )
         ):
             if modality:
                 modalities[study_id].add(modality)
@@ -443,7 +505,11 @@ def list_series(engine: Engine, study_id: int) -> list[SeriesSummary]:
             series.c.body_part_examined,
             func.count(instances.c.id).label("instance_count"),
         )
-        .select_from(series.outerjoin(instances, instances.c.series_id == series.c.id))
+        .select_from(
+            series.join(
+                instances, and_(instances.c.series_id == series.c.id, instances.c.kind == SOURCE)
+            )
+        )
         .where(series.c.study_id == study_id)
         .group_by(series.c.id)
         .order_by(series.c.series_number, series.c.series_instance_uid)
@@ -457,7 +523,7 @@ def instance_paths(engine: Engine, study_id: int) -> list[str]:
         return list(
             conn.execute(
                 select(instances.c.path)
-                .where(instances.c.study_id == study_id)
+                .where(instances.c.study_id == study_id, instances.c.kind == SOURCE)
                 .order_by(instances.c.id)
             ).scalars()
         )
@@ -472,14 +538,14 @@ def totals(engine: Engine) -> dict[str, int]:
                 select(studies.c.state, func.count()).group_by(studies.c.state)
             ).all()
         }
-        n_instances, n_dups, n_bytes = conn.execute(
+        n_instances, n_dups, n_bytes, n_series = conn.execute(
             select(
                 func.count(instances.c.id),
                 func.coalesce(func.sum(instances.c.duplicates), 0),
                 func.coalesce(func.sum(instances.c.size_bytes), 0),
-            )
+                func.count(func.distinct(instances.c.series_id)),
+            ).where(instances.c.kind == SOURCE)
         ).one()
-        n_series = conn.execute(select(func.count(series.c.id))).scalar_one()
     return {
         "studies_receiving": int(by_state.get(RECEIVING, 0)),
         "studies_complete": int(by_state.get(COMPLETE, 0)),
@@ -528,7 +594,7 @@ def mark_complete(engine: Engine, study_id: int, cutoff: float, now: float) -> C
         n_series, n_instances = conn.execute(
             select(
                 func.count(func.distinct(instances.c.series_id)), func.count(instances.c.id)
-            ).where(instances.c.study_id == study_id)
+            ).where(instances.c.study_id == study_id, instances.c.kind == SOURCE)
         ).one()
         result = conn.execute(
             update(studies)

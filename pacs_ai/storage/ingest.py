@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -30,6 +30,8 @@ class StoreOutcome:
     comment: str = ""
     sop_instance_uid: str = ""
     duplicate: bool = False
+    # What the node read of the object, when it got that far (STOW-RS answers with its UIDs).
+    header: InstanceHeader | None = None
 
 
 class Ingest:
@@ -71,18 +73,27 @@ class Ingest:
         problem = _check_header(header, affected_sop_class_uid, affected_sop_instance_uid)
         if problem is not None:
             status, reason = problem
-            return self._refuse(data, status, reason, calling_ae, origin, affected_sop_instance_uid)
+            refused = self._refuse(
+                data, status, reason, calling_ae, origin, affected_sop_instance_uid
+            )
+            return replace(refused, header=header)
         try:
             return self._keep(data, header, calling_ae)
         except OutOfSpace as exc:
             logger.warning("refused %s from %s: %s", header.sop_instance_uid, calling_ae, exc)
-            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "Disk full on receiver, retry later")
+            return StoreOutcome(
+                StoreStatus.OUT_OF_RESOURCES, "Disk full on receiver, retry later", header=header
+            )
         except SQLAlchemyError as exc:
             logger.error("index unavailable storing %s: %s", header.sop_instance_uid, exc)
-            return StoreOutcome(StoreStatus.INDEX_UNAVAILABLE, "Index unavailable, retry later")
+            return StoreOutcome(
+                StoreStatus.INDEX_UNAVAILABLE, "Index unavailable, retry later", header=header
+            )
         except OSError as exc:
             logger.error("spool write failed for %s: %s", header.sop_instance_uid, exc)
-            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, f"Write failed: {exc.strerror}")
+            return StoreOutcome(
+                StoreStatus.OUT_OF_RESOURCES, f"Write failed: {exc.strerror}", header=header
+            )
 
     def _keep(self, data: bytes, header: InstanceHeader, calling_ae: str) -> StoreOutcome:
         sop = header.sop_instance_uid
@@ -94,13 +105,17 @@ class Ingest:
         if self.spool.path_of(relative).exists() and index.is_known(self.engine, sop):
             index.count_duplicate(self.engine, sop)
             logger.info("duplicate %s from %s: already held, counted", sop, calling_ae)
-            return StoreOutcome(StoreStatus.SUCCESS, sop_instance_uid=sop, duplicate=True)
+            return StoreOutcome(
+                StoreStatus.SUCCESS, sop_instance_uid=sop, duplicate=True, header=header
+            )
         self.spool.store(header.study_instance_uid, header.series_instance_uid, sop, data)
         added = self.recorder.record(
             header, calling_ae, relative.as_posix(), len(data), self.clock()
         )
         logger.debug("stored %s (study %s) from %s", sop, header.study_instance_uid, calling_ae)
-        return StoreOutcome(StoreStatus.SUCCESS, sop_instance_uid=sop, duplicate=not added)
+        return StoreOutcome(
+            StoreStatus.SUCCESS, sop_instance_uid=sop, duplicate=not added, header=header
+        )
 
     def _refuse(
         self,

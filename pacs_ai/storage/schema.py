@@ -58,9 +58,15 @@ studies = Table(
     Column("priority_rank", Integer, nullable=False, default=0),
     Column("findings_summary", String(512), nullable=False, default=""),
     Column("review_state", String(16), nullable=False, default="UNREVIEWED"),
+    # When retention removed the source images (pacs_ai/storage/retention.py); None = kept.
+    Column("purged_at", Float, nullable=True),
     UniqueConstraint("study_instance_uid", "calling_ae", name="uq_studies_uid_ae"),
     Index("ix_studies_state_last", "state", "last_received_at"),
     Index("ix_studies_worklist", "priority_rank", "first_received_at"),
+    # QIDO-RS matching keys (pacs_ai/web/dicomweb): exact matches on these stay index lookups.
+    Index("ix_studies_patient_id", "patient_id"),
+    Index("ix_studies_study_date", "study_date"),
+    Index("ix_studies_accession_number", "accession_number"),
 )
 
 series = Table(
@@ -79,6 +85,8 @@ series = Table(
     Column("image_type", String(256), nullable=False, default=""),
     Column("first_received_at", Float, nullable=False),
     UniqueConstraint("study_id", "series_instance_uid", name="uq_series_study_uid"),
+    # WADO-RS and QIDO-RS look series up by UID across receptions.
+    Index("ix_series_uid", "series_instance_uid"),
 )
 
 instances = Table(
@@ -145,6 +153,8 @@ jobs = Table(
     Column("completion", Integer, nullable=False, default=1),
     UniqueConstraint("series_id", "model", "rule", "completion", name="uq_jobs_series_model_rule"),
     Index("ix_jobs_state", "state"),
+    # The worklist: a study's jobs, and studies by their jobs' model and state (0006).
+    Index("ix_jobs_study", "study_id", "model", "state"),
 )
 
 deliveries = Table(
@@ -207,4 +217,27 @@ reviews = Table(
     Column("reviewer", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Index("ix_reviews_study", "study_id"),
+)
+
+
+# --- the audit trail (pacs_ai/audit) ----------------------------------------------------------
+
+# Append-only: migration 0005 adds triggers that refuse UPDATE and DELETE on this table.
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(32), nullable=False),
+    # DICOM audit codes (PS3.15 A.5.3): EventID, EventTypeCode, EventActionCode.
+    Column("event_id", String(16), nullable=False),
+    Column("event_type", String(16), nullable=False, default=""),
+    Column("action", String(1), nullable=False),
+    # EventOutcomeIndicator: 0 success, 4 minor, 8 serious, 12 major failure.
+    Column("outcome", Integer, nullable=False, default=0),
+    Column("actor", String(64), nullable=False, default=""),
+    Column("address", String(64), nullable=False, default=""),
+    Column("target", String(256), nullable=False, default=""),
+    Column("detail", String(2000), nullable=False, default="{}"),
+    Index("ix_audit_at", "at"),
 )

@@ -8,8 +8,12 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
 
 from pacs_ai import __version__
+from pacs_ai.audit.events import AuditEvent
+from pacs_ai.audit.http import classify
+from pacs_ai.audit.trail import Auditor
 from pacs_ai.web import admin_api, health, metrics, pages, worklist_api
 from pacs_ai.web.auth import FailureLimiter
 from pacs_ai.web.context import WebContext
@@ -28,6 +32,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.limiter = FailureLimiter(ctx.settings.http.auth_failures_per_minute)
+    app.state.auditor = Auditor(ctx.engine, ctx.settings, ctx.clock)
     if ctx.settings.http.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -46,6 +51,17 @@ def create_app(ctx: WebContext) -> FastAPI:
         started = time.perf_counter()
         response = await call_next(request)
         principal = getattr(request.state, "principal", None)
+        audited = classify(request.method, request.url.path)
+        if principal is not None and audited is not None and response.status_code < 400:
+            kind, target = audited
+            event = AuditEvent(
+                kind,
+                actor=principal.name,
+                address=request.client.host if request.client else "",
+                target=target,
+                detail={"method": request.method, "status": response.status_code},
+            )
+            await run_in_threadpool(app.state.auditor.record, event)
         access.info(
             "%s %s %d %.1f ms %s",
             request.method,

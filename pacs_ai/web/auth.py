@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from fastapi import HTTPException, Request
 
+from pacs_ai.audit.events import AuditEvent, Kind, Outcome
 from pacs_ai.storage.tokens import Principal, Role, authenticate
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,19 @@ class FailureLimiter:
         return window
 
 
+def _audit_failure(request: Request, client: str, actor: str, reason: str) -> None:
+    request.app.state.auditor.record(
+        AuditEvent(
+            Kind.AUTHENTICATION_FAILED,
+            actor=actor,
+            address=client,
+            outcome=Outcome.MINOR_FAILURE,
+            target=request.url.path,
+            detail={"method": request.method, "reason": reason},
+        )
+    )
+
+
 def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -88,6 +102,7 @@ def requires(permission: Permission) -> Callable[[Request], Principal]:
         principal = authenticate(ctx.engine, token, ctx.clock()) if token else None
         if principal is None:
             limiter.failed(client)
+            _audit_failure(request, client, "", "bad or revoked token" if token else "no token")
             logger.warning(
                 "authentication failed from %s for %s %s (%s)",
                 client,
@@ -102,6 +117,9 @@ def requires(permission: Permission) -> Callable[[Request], Principal]:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if permission not in ROLE_PERMISSIONS[principal.role]:
+            _audit_failure(
+                request, client, principal.name, f"role {principal.role.value} lacks {permission}"
+            )
             logger.warning(
                 "token %r (%s) refused %s %s: needs %s",
                 principal.name,
