@@ -10,7 +10,7 @@ PIP_FLAGS ?= -q
 # dcmtk's tools (storescu, storescp) and Orthanc, which embeds dcmtk, leave Nagle on otherwise.
 export TCP_NODELAY := 1
 
-.PHONY: run test install system-deps lint typecheck unit bench train-nodules clean
+.PHONY: run test install system-deps lint typecheck unit bench soak fuzz train-nodules clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ test: install system-deps lint typecheck
 bench: install system-deps
 	$(PY) bench/ingest.py
 	$(PY) bench/latency.py
+	$(PY) bench/worklist.py
+
+# The fault tests at larger counts (bench/soak.py), and the fuzzers with many examples.
+soak: install system-deps
+	$(PY) bench/soak.py
+
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	PACS_AI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz.py tests/test_dicomweb.py -k fuzz
 
 # Retrain the lung-nodule-demo weights shipped in pacs_ai/models/weights/ (CPU, minutes).
 train-nodules: install

@@ -114,6 +114,33 @@ class TlsSettings(_Section):
         return self
 
 
+class AuditSettings(_Section):
+    """``[audit]``: the audit trail (always in the database) and its optional syslog copy."""
+
+    enabled: bool = True
+    # IHE ATNA audit repository: "udp://host:514" (RFC 5424 messages over RFC 5426 UDP).
+    syslog: str = Field("", pattern=r"^(udp://(\[[0-9A-Fa-f:]+\]|[^:/\s]+):\d{1,5})?$")
+    # AuditSourceID in the messages; empty means node.ae_title.
+    source_id: str = ""
+
+
+class RetentionSettings(_Section):
+    """``[retention]``: when source images may leave the spool (``pacs-ai purge``).
+
+    A study's sources are removed only when every job on it has ended (DELIVERED, SKIPPED or
+    CANCELED; FAILED only with ``purge_failed``), every delivery and forward is DONE, and
+    nothing arrived for ``keep_days``. Index rows, results (SEG/SR), reviews and the audit
+    trail stay.
+    """
+
+    # pacs-ai serve purges by itself every interval_h hours; otherwise only `pacs-ai purge`.
+    automatic: bool = False
+    keep_days: float = Field(30.0, ge=0)
+    interval_h: float = Field(1.0, gt=0)
+    # Purge studies whose jobs FAILED too (their results will never be delivered).
+    purge_failed: bool = False
+
+
 class DatabaseSettings(_Section):
     """``[database]``: the index. Empty url means SQLite in the data dir."""
 
@@ -215,6 +242,8 @@ class Settings(BaseSettings):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
     tls: TlsSettings = TlsSettings()
+    audit: AuditSettings = AuditSettings()
+    retention: RetentionSettings = RetentionSettings()
     database: DatabaseSettings = DatabaseSettings()
     http: HttpSettings = HttpSettings()
     broker: BrokerSettings = BrokerSettings()

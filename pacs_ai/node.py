@@ -24,11 +24,14 @@ from types import FrameType
 
 import pydicom.config
 
+from pacs_ai.audit.events import AuditEvent, Kind
+from pacs_ai.audit.trail import Auditor, record_start
 from pacs_ai.config import Settings
 from pacs_ai.dicom.scp import Receiver
 from pacs_ai.errors import ConfigError, NetworkError
 from pacs_ai.pipeline.assemble import Assembler, CompletionListener
 from pacs_ai.pipeline.runtime import AIRuntime
+from pacs_ai.storage import retention
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.ingest import Ingest
 from pacs_ai.storage.spool import Spool
@@ -249,6 +252,8 @@ class Node:
         _check_rule_models(settings)
         _check_port_free(settings)
         ingest = make_ingest(settings, run_migrations=True)
+        auditor = Auditor(ingest.engine, settings)
+        record_start(auditor, settings, str(self.config_path or "defaults"))
         runtime = AIRuntime(settings, ingest.engine, self.config_path) if self.ai_path else None
         listeners = list(self.listeners)
         if runtime is not None:
@@ -272,6 +277,13 @@ class Node:
                 "%d receiver processes share DICOM port %d", count, settings.node.dicom_port
             )
         assembly.start()
+        if settings.retention.automatic:
+            threading.Thread(
+                target=retention.run_periodically,
+                args=(ingest.engine, settings, ingest.spool, auditor, assembly_stop),
+                name="retention",
+                daemon=True,
+            ).start()
         http = self._start_http(ingest, runtime, pool, local)
         logger.info(
             "pacs-ai ready: AE %s, DICOM port %d, data dir %s, quiet period %.1f s",
@@ -300,5 +312,7 @@ class Node:
             assembly.join()
             if runtime is not None:
                 runtime.stop(settings.node.drain_timeout_s + 20)
+            auditor.record(AuditEvent(Kind.APPLICATION_STOP, actor=auditor.source_id))
+            auditor.close()
             ingest.engine.dispose()
             logger.info("pacs-ai stopped")

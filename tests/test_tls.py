@@ -103,6 +103,10 @@ def test_echoscu_and_storescu_over_tls(tls_node: NodeProcess, pki: Pki) -> None:
         "storescu", *_tls_args(pki), "-aec", "PACSAI", "127.0.0.1", port, *map(str, files)
     )
     assert store.returncode == 0, store.stderr
+    # The node's own CLI calls over TLS with the node's certificate (mutual TLS).
+    cli = tls_node.cli("echo", f"PACSAI@127.0.0.1:{port}", "--tls")
+    assert cli.returncode == 0, cli.stderr
+    assert tls_node.cli("echo", f"PACSAI@127.0.0.1:{port}", "--timeout", "5").returncode == 1
     for source in files:
         kept = tls_node.stored_path(source)
         assert kept.exists()

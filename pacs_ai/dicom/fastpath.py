@@ -303,12 +303,14 @@ def _command_element(element: int, value: bytes | None) -> bytes:
 def _padded_uid(uid: str | None) -> bytes | None:
     if uid is None:
         return None
-    raw = str(uid).encode("ascii")
+    # A broken sender's UID may hold non-ASCII bytes; pydicom decoded them as Latin-1, so
+    # encoding back the same way answers with exactly the bytes the sender used.
+    raw = str(uid).encode("latin-1", errors="replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _padded_text(text: str) -> bytes:
-    raw = text.encode("ascii")
+    raw = text.encode("latin-1", errors="replace")
     return raw + b" " if len(raw) % 2 else raw
 
 

@@ -22,6 +22,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs_ai.audit.events import AuditEvent, Kind, Outcome
+from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
 from pacs_ai.dicom.contexts import STORAGE_TRANSFER_SYNTAXES, storage_sop_classes
 from pacs_ai.dicom.fastpath import MAX_PDU_BYTES, close_sockets_fully, on_conn_open
@@ -49,6 +51,7 @@ class NodeServer(ThreadedAssociationServer):
 
     reuse_port = False
     handshake_timeout_s = 10.0
+    auditor: Auditor | None = None
 
     def server_bind(self) -> None:
         if self.socket is not None and self.reuse_port:
@@ -74,6 +77,16 @@ class NodeServer(ThreadedAssociationServer):
                 # SSLError is an OSError: bad certificate, old protocol, plain DICOM on the
                 # TLS port, or a peer that stalled past the timeout.
                 logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                if self.auditor is not None:
+                    self.auditor.record(
+                        AuditEvent(
+                            Kind.ASSOCIATION_REFUSED,
+                            actor="",
+                            address=str(client_address[0]),
+                            outcome=Outcome.MINOR_FAILURE,
+                            detail={"reason": f"TLS handshake failed: {exc}"[:300]},
+                        )
+                    )
                 self.shutdown_request(request)
                 return
             request.settimeout(previous)
@@ -107,6 +120,7 @@ class _Gate:
 
     settings: Settings
     ingest: Ingest
+    auditor: Auditor
 
 
 def _on_requested(event: Any, gate: _Gate) -> None:
@@ -132,6 +146,17 @@ def _on_requested(event: Any, gate: _Gate) -> None:
         logger.info("association from %s@%s accepted", calling, address)
         return
     logger.warning("association from %s@%s rejected: %s", calling, address, reason)
+    if rsd is not REJECT_CONGESTION:
+        gate.auditor.record(
+            AuditEvent(
+                Kind.ASSOCIATION_REFUSED,
+                actor=calling,
+                address=address,
+                outcome=Outcome.MINOR_FAILURE,
+                target=called,
+                detail={"reason": reason},
+            )
+        )
     assoc.acse.send_reject(*rsd)
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()
@@ -208,6 +233,8 @@ def _on_store(event: Any, ingest: Ingest) -> Dataset | int:
             affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
             origin=f"dimse:{assoc.requestor.address}",
         )
+        if outcome.status == StoreStatus.SUCCESS and outcome.header is not None:
+            _tally(assoc, outcome.header.study_instance_uid)
     except Exception:
         # The edge: whatever went wrong, the peer gets a status and the listener lives on.
         logger.exception("C-STORE from %s failed unexpectedly", calling)
@@ -226,6 +253,31 @@ def _status(status: StoreStatus, comment: str) -> Dataset | int:
     return rsp
 
 
+_TALLY = "_pacs_ai_received"
+
+
+def _tally(assoc: Any, study_uid: str) -> None:
+    # Per association, instances acknowledged per study: one audit record each at the end
+    # instead of one per image.
+    counts: dict[str, int] = assoc.__dict__.setdefault(_TALLY, {})
+    counts[study_uid] = counts.get(study_uid, 0) + 1
+
+
+def _on_closed(event: Any, auditor: Auditor) -> None:
+    assoc = event.assoc
+    counts: dict[str, int] = assoc.__dict__.get(_TALLY, {})
+    for study_uid, count in counts.items():
+        auditor.record(
+            AuditEvent(
+                Kind.INSTANCES_RECEIVED,
+                actor=assoc.requestor.ae_title.strip(),
+                address=str(assoc.requestor.address),
+                target=study_uid,
+                detail={"instances": count, "protocol": "DIMSE"},
+            )
+        )
+
+
 def _on_aborted(event: Any) -> None:
     logger.warning("association from %s aborted", event.assoc.requestor.ae_title.strip())
 
@@ -238,13 +290,15 @@ class Receiver:
         self.ingest = ingest
         self.ae = build_ae(settings)
         self.reuse_port = reuse_port
+        self.auditor = Auditor(ingest.engine, settings)
         self.server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
 
     def start(self) -> tuple[str, int]:
-        gate = _Gate(self.settings, self.ingest)
+        gate = _Gate(self.settings, self.ingest, self.auditor)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_conn_open),
+            (evt.EVT_CONN_CLOSE, _on_closed, [self.auditor]),
             (evt.EVT_REQUESTED, _on_requested, [gate]),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_STORE, _on_store, [self.ingest]),
@@ -276,6 +330,7 @@ class Receiver:
             ssl_context=ssl_context,
         )
         cast(NodeServer, server).handshake_timeout_s = self.settings.tls.handshake_timeout_s
+        cast(NodeServer, server).auditor = self.auditor
         # What AE.start_server(block=False) does, which cannot take a server class.
         self.ae._servers.append(server)
         name = "dicom-tls-listener" if ssl_context else "dicom-listener"
