@@ -49,7 +49,7 @@ bench: install system-deps
 soak: install system-deps
 	$(PY) bench/soak.py
 
-FUZZ_EXAMPLES ?= 20000
+FUZZ_EXAMPLES ?= 5000
 fuzz: install
 	PACS_AI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fuzz.py tests/test_dicomweb.py -k fuzz

@@ -285,3 +285,69 @@ def test_stalled_flooding_and_unreleased_peers_do_not_starve_others(tmp_path: Pa
         for sock in raw:
             sock.close()
         node.stop()
+
+
+# --- the node dies, or is stopped, with AI work in flight ----------------------------------
+
+
+def _ai_node(tmp_path: Path, orthanc: OrthancProcess, **delivery: Any) -> NodeProcess:
+    settings = {"max_attempts": 20, "backoff_s": 1, "timeout_s": 5, **delivery}
+    return NodeProcess(
+        tmp_path / "node",
+        peers=[orthanc_as_peer(orthanc)],
+        ai_worker=True,
+        extra_worker={"lease_s": 3, "reconcile_interval_s": 0.5},
+        extra_toml="[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()),
+    )
+
+
+def test_node_killed_between_inference_and_delivery_delivers_once(
+    tmp_path: Path, orthanc_factory: type[OrthancProcess]
+) -> None:
+    from tests.test_shutdown import _kill_tree
+
+    orthanc = orthanc_factory(tmp_path / "orthanc")  # down while the job is encoded
+    node = _ai_node(tmp_path, orthanc)
+    study = small_study(tmp_path / "study", seed=21)
+    node.start()
+    try:
+        send_as(node, orthanc.ae_title, study.files)
+        wait_for(lambda: jobs_by_state(node) == {"ENCODED": 1}, 180, "the job encoded")
+        assert node.process is not None
+        _kill_tree(node.process.pid)  # results written, deliveries PENDING, nothing drains
+        node.process.wait(30)
+        node.stop()
+        orthanc.start()
+        node.start()
+        wait_for(lambda: jobs_by_state(node) == {"DELIVERED": 1}, 180, "delivered after restart")
+        (job,) = node.cli_json("jobs", "list")
+        assert job["attempts"] == 1  # inference was not run again: the results were durable
+        found = results_in(orthanc, study.study_instance_uid)
+        assert (len(found["SEG"]), len(found["SR"])) == (1, 1)
+    finally:
+        node.stop()
+
+
+def test_sigterm_with_a_job_running_loses_nothing(
+    tmp_path: Path, orthanc_factory: type[OrthancProcess]
+) -> None:
+    from tests.test_ai_path import running_job_worker
+
+    orthanc = orthanc_factory(tmp_path / "orthanc").start()
+    node = _ai_node(tmp_path, orthanc)
+    # Big enough that the job is still running when the node is told to stop.
+    geometry = Geometry(
+        rows=256, columns=256, pixel_spacing_mm=1.4, slices=80, slice_thickness_mm=2
+    )
+    study = write_chest_ct(tmp_path / "study", geometry, with_lung_series=False, with_scout=False)
+    node.start()
+    try:
+        send_as(node, orthanc.ae_title, study.files)
+        wait_for(lambda: running_job_worker(node) is not None, 180, "a RUNNING job", interval=0.05)
+        assert node.stop(timeout=90) == 0  # SIGTERM: drained, a clean exit
+        node.start()
+        wait_for(lambda: jobs_by_state(node) == {"DELIVERED": 1}, 240, "the job delivered")
+        found = results_in(orthanc, study.study_instance_uid)
+        assert (len(found["SEG"]), len(found["SR"])) == (1, 1)
+    finally:
+        node.stop()
