@@ -31,10 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
-from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
-from tests.test_ai_path import results_in, running_job_worker
-from tests.test_faults import send_as
-from tests.test_shutdown import _kill_tree, send_until_refused
+from tests.dicom_peer import send_until_refused
+from tests.peers import (
+    NodeProcess,
+    OrthancProcess,
+    kill_tree,
+    orthanc_as_peer,
+    pacs_and_node,
+    results_in,
+    running_job_worker,
+    send_as,
+    wait_for,
+)
 
 
 def ingest_cycles(root: Path, cycles: int, rng: random.Random) -> dict[str, int]:
@@ -61,7 +69,7 @@ def ingest_cycles(root: Path, cycles: int, rng: random.Random) -> dict[str, int]
         target = rng.randint(50, 400)
         wait_for(lambda: len(acked) >= target, 120, f"{target} acknowledged")  # noqa: B023
         assert node.process is not None
-        _kill_tree(node.process.pid)
+        kill_tree(node.process.pid)
         node.process.wait(30)
         for sender in senders:
             sender.join(120)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -326,11 +325,12 @@ def tokens_create(
     if peer and settings.peer(peer) is None:
         names = ", ".join(p.name for p in settings.peers) or "none configured"
         _fail(f"--peer {peer!r} is not a configured peer ({names})", 2)
+    engine = _engine(settings)
     try:
-        token = tokens.create(_engine(settings), name, role, time.time(), peer=peer)
+        token = tokens.create(engine, name, role, time.time(), peer=peer)
     except PacsAiError as exc:
         _fail(str(exc), 2)
-    _audit_token_change(settings, "created", name, role)
+    _audit_token_change(engine, settings, "created", name, role)
     err.print(f"token {name!r} ({role}) created; store it now, it cannot be shown again:")
     sys.stdout.write(token + "\n")
 
@@ -367,22 +367,22 @@ def tokens_revoke(name: str, config: ConfigOption = None) -> None:
     from pacs_ai.storage import tokens
 
     settings = _settings(config)
+    engine = _engine(settings)
     try:
-        tokens.revoke(_engine(settings), name, time.time())
+        tokens.revoke(engine, name, time.time())
     except PacsAiError as exc:
         _fail(str(exc))
-    _audit_token_change(settings, "revoked", name, "")
+    _audit_token_change(engine, settings, "revoked", name, "")
     out.print(f"token {name!r} revoked")
 
 
-def _audit_token_change(settings: Settings, change: str, name: str, role: str) -> None:
+def _audit_token_change(engine: Any, settings: Settings, change: str, name: str, role: str) -> None:
     import getpass
 
     from pacs_ai.audit.events import AuditEvent, Kind
     from pacs_ai.audit.trail import Auditor
 
-    auditor = Auditor(_engine(settings), settings)
-    try:
+    with Auditor(engine, settings) as auditor:
         auditor.record(
             AuditEvent(
                 Kind.SECURITY_ATTRIBUTES_CHANGED,
@@ -391,8 +391,6 @@ def _audit_token_change(settings: Settings, change: str, name: str, role: str) -
                 detail={"change": change, **({"role": role} if role else {})},
             )
         )
-    finally:
-        auditor.close()
 
 
 # --- retention -----------------------------------------------------------------------------
@@ -426,13 +424,9 @@ def purge(
     if dry_run:
         found = retention.candidates(engine, settings, now)
     else:
-        auditor = Auditor(engine, settings)
-        try:
-            found = retention.purge(
-                engine, settings, Spool(settings.node.data_dir, 0), now, auditor
-            )
-        finally:
-            auditor.close()
+        with Auditor(engine, settings) as auditor:
+            spool = Spool(settings.node.data_dir, 0)
+            found = retention.purge(engine, settings, spool, now, auditor)
     if json_out:
         _dump({"dry_run": dry_run, "studies": [vars(p) for p in found]})
         return
@@ -453,7 +447,8 @@ app.add_typer(audit_app, name="audit", no_args_is_help=True)
 def audit_export(
     config: ConfigOption = None,
     since: Annotated[
-        str | None, typer.Option(help="Oldest event: YYYY-MM-DD, an ISO time, or UNIX seconds.")
+        str | None,
+        typer.Option(help="Oldest event: YYYY-MM-DD, an ISO time (UTC), or UNIX seconds."),
     ] = None,
     kind: Annotated[
         str | None, typer.Option(help="Only this kind, e.g. instances-received.")
@@ -462,10 +457,8 @@ def audit_export(
     out_file: Annotated[Path | None, typer.Option("--out", help="Write here, not stdout.")] = None,
 ) -> None:
     """Export the audit trail (who sent, viewed, reviewed, changed what; security alerts)."""
-    import csv
-    import io
-
     from pacs_ai.audit import trail
+    from pacs_ai.export import csv_text
 
     if fmt not in ("json", "csv"):
         _fail(f"--format {fmt!r}: use json or csv", 2)
@@ -476,12 +469,7 @@ def audit_export(
     if fmt == "json":
         text = json.dumps(rows, indent=2) + "\n"
     else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(trail.COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "detail": json.dumps(row["detail"])})
-        text = buffer.getvalue()
+        text = csv_text(({**r, "detail": json.dumps(r["detail"])} for r in rows), trail.COLUMNS)
     if out_file is None:
         sys.stdout.write(text)
     else:
@@ -490,14 +478,13 @@ def audit_export(
 
 
 def _parse_since(value: str) -> float:
+    from pacs_ai.errors import InvalidArgument
+    from pacs_ai.export import parse_since
+
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        _fail(f"--since {value!r}: use YYYY-MM-DD, an ISO time, or UNIX seconds", 2)
+        return parse_since(value)
+    except InvalidArgument as exc:
+        _fail(f"--since: {exc}", 2)
 
 
 # --- the records: studies, jobs, deliveries, rules, status, worklist (pacs_ai/commands) ---

@@ -30,6 +30,7 @@ from pacs_ai.config import Settings
 from pacs_ai.dicom.scp import Receiver
 from pacs_ai.errors import ConfigError, NetworkError
 from pacs_ai.pipeline.assemble import Assembler, CompletionListener
+from pacs_ai.pipeline.queues import broker_reachable
 from pacs_ai.pipeline.runtime import AIRuntime
 from pacs_ai.storage import retention
 from pacs_ai.storage.db import open_database
@@ -179,21 +180,6 @@ class ReceiverPool:
                 process.kill()
 
 
-def _broker_reachable(url: str) -> bool:
-    import redis
-
-    # Celery (kombu) spells a Unix socket redis+socket://; redis-py spells it unix://.
-    url = url.replace("redis+socket://", "unix://", 1)
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, ValueError):
-        return False
-
-
 class Node:
     """The running node. ``listeners`` hear of each study completion (the AI path hangs here)."""
 
@@ -221,6 +207,7 @@ class Node:
         runtime: AIRuntime | None,
         pool: ReceiverPool | None,
         local: Receiver | None,
+        auditor: Auditor,
     ) -> HttpServer | None:
         if not self.settings.http.enabled:
             return None
@@ -232,7 +219,7 @@ class Node:
                 else local is not None,
             }
             if runtime is not None:
-                checks["broker"] = _broker_reachable(runtime.broker_url)
+                checks["broker"] = broker_reachable(runtime.broker_url)
             return checks
 
         ctx = WebContext(
@@ -241,6 +228,7 @@ class Node:
             ingest,
             readiness=readiness,
             broker_url=runtime.broker_url if runtime is not None else "",
+            auditor=auditor,
         )
         http = HttpServer(ctx)
         http.start()
@@ -269,7 +257,7 @@ class Node:
         local: Receiver | None = None
         pool: ReceiverPool | None = None
         if count == 1:
-            local = Receiver(settings, ingest)
+            local = Receiver(settings, ingest, auditor=auditor)
             local.start()
         else:
             pool = ReceiverPool(settings, count)
@@ -277,14 +265,15 @@ class Node:
                 "%d receiver processes share DICOM port %d", count, settings.node.dicom_port
             )
         assembly.start()
+        purger: threading.Thread | None = None
         if settings.retention.automatic:
-            threading.Thread(
+            purger = threading.Thread(
                 target=retention.run_periodically,
                 args=(ingest.engine, settings, ingest.spool, auditor, assembly_stop),
                 name="retention",
-                daemon=True,
-            ).start()
-        http = self._start_http(ingest, runtime, pool, local)
+            )
+            purger.start()
+        http = self._start_http(ingest, runtime, pool, local, auditor)
         logger.info(
             "pacs-ai ready: AE %s, DICOM port %d, data dir %s, quiet period %.1f s",
             settings.node.ae_title,
@@ -310,6 +299,8 @@ class Node:
                 pool.stop()
             assembly_stop.set()
             assembly.join()
+            if purger is not None:
+                purger.join()  # a purge under way finishes before the engine goes
             if runtime is not None:
                 runtime.stop(settings.node.drain_timeout_s + 20)
             auditor.record(AuditEvent(Kind.APPLICATION_STOP, actor=auditor.source_id))

@@ -7,6 +7,7 @@ mismatched UIDs); pynetdicom in chunked mode sends a file's bytes exactly as the
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,3 +52,18 @@ def store(assoc: Any, path: Path) -> tuple[int, str]:
 def store_all(port: int, files: list[Path], **kwargs: Any) -> list[tuple[Path, int, str]]:
     with association(port, files, **kwargs) as assoc:
         return [(path, *store(assoc, path)) for path in files]
+
+
+def send_until_refused(
+    port: int, files: list[Path], acked: list[Path], lock: threading.Lock
+) -> None:
+    try:
+        with association(port, files, calling_ae="MODALITY") as assoc:
+            for path in files:
+                rsp = assoc.send_c_store(path)
+                if rsp.get("Status") != 0x0000:
+                    return  # no answer: the association was aborted by the stopping node
+                with lock:
+                    acked.append(path)
+    except AssertionError:
+        return  # association refused: the node had already stopped listening

@@ -305,3 +305,49 @@ def pacs_and_node(orthanc: OrthancProcess, node: NodeProcess) -> tuple[OrthancPr
     orthanc.start()
     node.start()
     return orthanc, node
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, children first seen from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    os.kill(pid, signal.SIGKILL)
+    for kid in kids:
+        if Path(f"/proc/{kid}").exists():
+            kill_tree(int(kid))
+
+
+def send_as(node: NodeProcess, calling_ae: str, files: list[Path]) -> None:
+    result = dcmtk(
+        "storescu", "-aet", calling_ae, "-aec", node.ae_title, "127.0.0.1", str(node.port),
+        *map(str, files),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def results_in(orthanc: OrthancProcess, study_uid: str) -> dict[str, list[bytes]]:
+    found: dict[str, list[bytes]] = {"SEG": [], "SR": []}
+    for study in orthanc.get("/studies?expand"):
+        if study["MainDicomTags"].get("StudyInstanceUID") != study_uid:
+            continue
+        for series_id in study["Series"]:
+            series = orthanc.get(f"/series/{series_id}")
+            modality = series["MainDicomTags"].get("Modality")
+            if modality in found:
+                found[modality] += [
+                    orthanc.get_bytes(f"/instances/{i}/file") for i in series["Instances"]
+                ]
+    return found
+
+
+def running_job_worker(node: NodeProcess) -> tuple[int, int] | None:
+    """(job id, worker pid) of a RUNNING job, read straight from the node's index."""
+    import sqlite3
+
+    assert node.data_dir is not None
+    path = node.data_dir / "index.sqlite3"
+    if not path.exists():
+        return None
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+        row = conn.execute("SELECT id, worker FROM jobs WHERE state = 'RUNNING'").fetchone()
+    return None if row is None else (int(row[0]), int(row[1].rsplit(":", 1)[1]))

@@ -18,7 +18,15 @@ import pytest
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
-from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
+from tests.peers import (
+    NodeProcess,
+    OrthancProcess,
+    orthanc_as_peer,
+    pacs_and_node,
+    results_in,
+    running_job_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +46,6 @@ def dciodvfy_errors(data: bytes, tmp_path: Path, name: str) -> list[str]:
     return [
         line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
     ]
-
-
-def results_in(orthanc: OrthancProcess, study_uid: str) -> dict[str, list[bytes]]:
-    found: dict[str, list[bytes]] = {"SEG": [], "SR": []}
-    for study in orthanc.get("/studies?expand"):
-        if study["MainDicomTags"].get("StudyInstanceUID") != study_uid:
-            continue
-        for series_id in study["Series"]:
-            series = orthanc.get(f"/series/{series_id}")
-            modality = series["MainDicomTags"].get("Modality")
-            if modality in found:
-                found[modality] += [
-                    orthanc.get_bytes(f"/instances/{i}/file") for i in series["Instances"]
-                ]
-    return found
 
 
 def setup_pacs_and_node(
@@ -163,19 +156,6 @@ def _sr_volumes(sr: Any) -> dict[str, float]:
             if measurement.name.value == "118565006":
                 volumes[LABELS[name]] = float(measurement.value)
     return volumes
-
-
-def running_job_worker(node: NodeProcess) -> tuple[int, int] | None:
-    """(job id, worker pid) of a RUNNING job, read straight from the node's index."""
-    import sqlite3
-
-    assert node.data_dir is not None
-    path = node.data_dir / "index.sqlite3"
-    if not path.exists():
-        return None
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
-        row = conn.execute("SELECT id, worker FROM jobs WHERE state = 'RUNNING'").fetchone()
-    return None if row is None else (int(row[0]), int(row[1].rsplit(":", 1)[1]))
 
 
 def test_worker_killed_mid_job_is_retried_and_delivers_once(

@@ -32,6 +32,9 @@ def test_the_audit_table_refuses_update_and_delete(engine: Engine, tmp_path: Pat
         with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
             conn.execute(text(statement))
     assert rows(engine) == [row]
+    # A long detail (a peer's error text) is shortened, and still reads back as JSON.
+    auditor.record(AuditEvent(Kind.INSTANCES_SENT, actor="PACS", detail={"error": "x" * 5000}))
+    assert rows(engine)[-1]["detail"] == {"error": "x" * 200}
 
 
 def test_audit_message_follows_the_dicom_schema() -> None:
@@ -183,3 +186,55 @@ def test_audit_settings_reject_a_bad_syslog_address(tmp_path: Path) -> None:
     result = node.cli("config", "check")
     assert result.returncode == 2
     assert "audit.syslog" in result.stderr
+
+
+def test_failed_page_logins_and_repeated_reads_are_audited_once_per_minute(
+    tmp_path: Path,
+) -> None:
+    from tests.web import bearer, web_client
+
+    with web_client(tmp_path) as (client, ctx):
+        for _ in range(3):
+            page = client.post("/login", content="token=pai_wrong", follow_redirects=False)
+            assert page.status_code == 401
+        headers = bearer(ctx, "admin", name="reader")
+        for _ in range(5):
+            assert client.get("/dicomweb/studies", headers=headers).status_code == 204
+        trail = rows(ctx.engine)
+    failed = [r for r in trail if r["kind"] == "authentication-failed"]
+    assert [(r["target"], r["detail"]["reason"]) for r in failed] == [
+        ("/login", "bad or revoked token")
+    ]
+    (query,) = [r for r in trail if r["kind"] == "query"]  # five queries, one minute: one row
+    assert (query["actor"], query["target"]) == ("reader", "/dicomweb/studies")
+
+
+def test_stow_uploads_and_study_pages_are_audited_by_study_uid(tmp_path: Path) -> None:
+    from tests.web import bearer, web_client
+
+    source = real_file("CT_small.dcm")
+    study_uid = dcmread(source).StudyInstanceUID
+    boundary = "auditBOUNDARY"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + source.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with web_client(tmp_path) as (client, ctx):
+        stored = client.post(
+            "/dicomweb/studies",
+            content=body,
+            headers={
+                **bearer(ctx, "integration", name="ris"),
+                "Content-Type": f"multipart/related; type=application/dicom; boundary={boundary}",
+            },
+        )
+        assert stored.status_code == 200
+        reader = bearer(ctx, "radiologist", name="dr-who")
+        assert client.get("/api/studies/1", headers=reader).status_code == 200
+        trail = rows(ctx.engine)
+    (received,) = [r for r in trail if r["kind"] == "instances-received"]
+    assert (received["actor"], received["target"]) == ("ris", study_uid)
+    assert received["detail"] == {"instances": 1, "protocol": "STOW-RS"}
+    (opened,) = [r for r in trail if r["kind"] == "instances-accessed"]
+    assert (opened["actor"], opened["target"]) == ("dr-who", study_uid)

@@ -70,8 +70,8 @@ def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
         enqueue_job_retry=lambda _: None,
     )
     assert run_job(ctx, job_id) == "SKIPPED"
-    (row,) = [r for r in jobs.job_rows(ingest.engine) if r.id == job_id]
-    assert row.state == "SKIPPED"
+    row = jobs.job_row(ingest.engine, job_id)
+    assert row is not None and row.state == "SKIPPED"
     assert reason in row.reason.lower(), row.reason
     # The same worker goes on to the next job: a healthy series of the same study shape.
     healthy = write_chest_ct(
@@ -90,6 +90,8 @@ def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
     )
     ((next_job, _),), _ = jobs.create(ingest.engine, [spec], [], 3, 3, 0.0)
     assert run_job(ctx, next_job) == "ENCODED"
-    (done,) = [r for r in jobs.job_rows(ingest.engine) if r.id == next_job]
-    assert done.state == "DELIVERED"  # no destination: the results stay on the node
+    done = jobs.job_row(ingest.engine, next_job)
+    assert (
+        done is not None and done.state == "DELIVERED"
+    )  # no destination: the results stay on the node
     ingest.engine.dispose()

@@ -50,3 +50,16 @@ def test_a_long_data_dir_still_gets_a_working_socket(tmp_path: Path) -> None:
         assert redis.Redis(unix_socket_path=str(broker.socket)).ping()
     finally:
         broker.stop()
+
+
+def test_readiness_sees_the_embedded_broker_come_and_go(tmp_path: Path) -> None:
+    from pacs_ai.pipeline.queues import broker_reachable
+
+    broker = EmbeddedRedis(tmp_path / "data")
+    url = broker.start()  # kombu's redis+socket:// spelling
+    try:
+        assert broker_reachable(url)
+    finally:
+        broker.stop()
+    assert not broker_reachable(url, timeout_s=0.5)
+    assert not broker_reachable("redis://127.0.0.1:1/0", timeout_s=0.5)

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, select
 
 from pacs_ai.audit.trail import Auditor, rows
 from pacs_ai.config import Settings, load_settings
+from pacs_ai.dicom.header import read_header
 from pacs_ai.pipeline import jobs
 from pacs_ai.storage import index, retention
 from pacs_ai.storage.ingest import Ingest
@@ -47,8 +48,6 @@ def _study_with_job(engine: Engine, ingest: Ingest, name: str, end: str) -> int:
     assert index.mark_complete(engine, study_id, T0 + 60, T0 + 60) is not None
     spec = jobs.JobSpec(study_id, series_id, "m", "r", jobs.Priority.ROUTINE, ("pacs",), 1)
     ((job_id, _),), _ = jobs.create(engine, [spec], [], 3, 2, T0)
-    if end == "QUEUED":
-        return study_id
     assert jobs.claim(engine, job_id, "w", 60, T0) is not None
     if end == "RUNNING":
         return study_id
@@ -66,7 +65,7 @@ def _study_with_job(engine: Engine, ingest: Ingest, name: str, end: str) -> int:
     return study_id
 
 
-def _source_files(engine: Engine, spool: Spool, study_id: int) -> list[Path]:
+def _indexed_files(engine: Engine, spool: Spool, study_id: int) -> list[Path]:
     with engine.connect() as conn:
         paths = conn.execute(
             select(instances.c.path).where(instances.c.study_id == study_id)
@@ -82,8 +81,14 @@ def test_only_delivered_studies_past_keep_days_are_purged(engine: Engine, tmp_pa
     delivered = _study_with_job(engine, ingest, "CT_small.dcm", "DELIVERED")
     running = _study_with_job(engine, ingest, "MR_small.dcm", "RUNNING")
     failed = _study_with_job(engine, ingest, "JPEG2000.dcm", "DELIVERY_FAILED")
-    kept_files = {s: _source_files(engine, spool, s) for s in (delivered, running, failed)}
+    kept_files = {s: _indexed_files(engine, spool, s) for s in (delivered, running, failed)}
     assert all(p.exists() for files in kept_files.values() for p in files)
+    # The delivered study's result (an SR the node made) is indexed beside its sources.
+    result = settings.node.data_dir / "results" / "x" / "SR.dcm"
+    result.parent.mkdir(parents=True)
+    result.write_bytes(real_file("test-SR.dcm").read_bytes())
+    header = read_header(result.read_bytes())
+    assert index.record_result(engine, delivered, header, "results/x/SR.dcm", 1, "r", T0)
 
     # Within keep_days nothing is eligible, whatever the jobs did.
     assert retention.candidates(engine, settings, T0 + 6 * DAY) == []
@@ -95,7 +100,9 @@ def test_only_delivered_studies_past_keep_days_are_purged(engine: Engine, tmp_pa
     (purged,) = retention.purge(engine, settings, spool, later, auditor)
     assert purged.study_id == delivered
     assert not any(p.exists() for p in kept_files[delivered])
-    assert _source_files(engine, spool, delivered) == []
+    # Only the sources went: the result's row and file stay.
+    assert [p.name for p in _indexed_files(engine, spool, delivered)] == ["SR.dcm"]
+    assert result.exists()
     for study in (running, failed):
         assert all(p.exists() for p in kept_files[study])
     with engine.connect() as conn:
@@ -113,7 +120,7 @@ def test_only_delivered_studies_past_keep_days_are_purged(engine: Engine, tmp_pa
     assert [p.study_id for p in retention.candidates(engine, lenient, later)] == [failed]
     engine.dispose()
 
-    # The CLI: --dry-run lists, changes nothing; --keep-days overrides the policy.
+    # The CLI's dry run lists nothing while a job still runs, and removes nothing.
     def cli(*args: str) -> dict[str, object]:
         result = subprocess.run(
             [sys.executable, "-m", "pacs_ai", "purge", "--config", str(config), "--json", *args],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -11,36 +10,11 @@ import pytest
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
-from tests.dicom_peer import association
-from tests.peers import NodeProcess, wait_for
+from tests.dicom_peer import send_until_refused
+from tests.peers import NodeProcess, kill_tree, wait_for
 from tests.realdata import dataset_bytes
 
 pytestmark = pytest.mark.slow
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant, children first seen from /proc."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = children.read_text().split() if children.exists() else []
-    os.kill(pid, signal.SIGKILL)
-    for kid in kids:
-        if Path(f"/proc/{kid}").exists():
-            _kill_tree(int(kid))
-
-
-def send_until_refused(
-    port: int, files: list[Path], acked: list[Path], lock: threading.Lock
-) -> None:
-    try:
-        with association(port, files, calling_ae="MODALITY") as assoc:
-            for path in files:
-                rsp = assoc.send_c_store(path)
-                if rsp.get("Status") != 0x0000:
-                    return  # no answer: the association was aborted by the stopping node
-                with lock:
-                    acked.append(path)
-    except AssertionError:
-        return  # association refused: the node had already stopped listening
 
 
 @pytest.mark.parametrize(
@@ -72,7 +46,7 @@ def test_stopping_or_killing_during_ingest_keeps_every_acknowledged_instance(
     assert node.process is not None
     if signum == signal.SIGKILL:
         # Kill the whole node at once, receivers included: no handler runs, nothing drains.
-        _kill_tree(node.process.pid)
+        kill_tree(node.process.pid)
         node.process.wait(30)
     else:
         node.signal(signal.SIGTERM)

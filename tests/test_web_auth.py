@@ -175,3 +175,20 @@ def test_too_many_failures_from_one_address_get_429(tmp_path: Path) -> None:
         blocked = client.get("/api/admin/jobs", headers=admin)
         assert blocked.status_code == 429 and "wait a minute" in blocked.json()["detail"]
         assert client.get("/healthz").status_code == 200  # probes need no token
+
+
+def test_the_failure_limiter_blocks_per_address_and_forgets_quiet_ones() -> None:
+    from pacs_ai.web.auth import FailureLimiter
+
+    now = [0.0]
+    limiter = FailureLimiter(3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.failed("10.0.0.1")
+    assert limiter.blocked("10.0.0.1") and not limiter.blocked("10.0.0.2")
+    for i in range(1000):
+        limiter.failed(f"10.1.{i // 256}.{i % 256}")
+    now[0] = 61.0
+    assert not limiter.blocked("10.0.0.1")  # a minute later it may try again
+    for i in range(1000):
+        limiter.blocked(f"10.1.{i // 256}.{i % 256}")
+    assert limiter._failures == {}  # nothing kept for addresses that went quiet

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,33 @@ from pacs_ai.storage.schema import audit
 logger = logging.getLogger(__name__)
 
 
+# Events of these kinds repeat in bursts (a viewer fetching a study's 500 instances, a port
+# scan, a polling client with a bad token): the same (kind, actor, address, target) within
+# MERGE_WINDOW_S is recorded once, so the append-only table grows with activity, not traffic.
+MERGED_KINDS = frozenset(
+    {
+        Kind.INSTANCES_ACCESSED,
+        Kind.QUERY,
+        Kind.ASSOCIATION_REFUSED,
+        Kind.AUTHENTICATION_FAILED,
+    }
+)
+MERGE_WINDOW_S = 60.0
+_DETAIL_CHARS = 2000
+
+
+def bounded_detail(detail: dict[str, Any]) -> str:
+    """``detail`` as JSON of at most 2000 characters that still parses."""
+    text = json.dumps(detail, default=str)
+    if len(text) <= _DETAIL_CHARS:
+        return text
+    short = {k: (v[:200] if isinstance(v, str) else v) for k, v in detail.items()}
+    text = json.dumps(short, default=str)
+    if len(text) <= _DETAIL_CHARS:
+        return text
+    return json.dumps({"truncated": text[: _DETAIL_CHARS - 40]})
+
+
 class Auditor:
     """Records audit events. Safe to share between threads; one per process is enough."""
 
@@ -30,6 +58,8 @@ class Auditor:
         self.enabled = settings.audit.enabled
         self.source_id = settings.audit.source_id or settings.node.ae_title
         self.clock = clock
+        self._last: dict[tuple[str, str, str, str], float] = {}
+        self._lock = threading.Lock()
         self.syslog = (
             SyslogSender(settings.audit.syslog, self.source_id)
             if self.enabled and settings.audit.syslog
@@ -42,6 +72,8 @@ class Auditor:
         if not self.enabled:
             return
         at = self.clock()
+        if event.kind in MERGED_KINDS and self._seen_recently(event, at):
+            return
         event_id, event_type, action = codes(event.kind)
         try:
             with self.engine.begin() as conn:
@@ -56,7 +88,7 @@ class Auditor:
                         actor=event.actor[:64],
                         address=event.address[:64],
                         target=event.target[:256],
-                        detail=json.dumps(event.detail, default=str)[:2000],
+                        detail=bounded_detail(event.detail),
                     )
                 )
         except SQLAlchemyError as exc:
@@ -64,9 +96,26 @@ class Auditor:
         if self.syslog is not None:
             self.syslog.send(event, at)
 
+    def _seen_recently(self, event: AuditEvent, at: float) -> bool:
+        key = (event.kind.value, event.actor, event.address, event.target)
+        with self._lock:
+            if len(self._last) > 10_000:  # forget what is past the window
+                self._last = {k: t for k, t in self._last.items() if at - t < MERGE_WINDOW_S}
+            last = self._last.get(key)
+            if last is not None and at - last < MERGE_WINDOW_S:
+                return True
+            self._last[key] = at
+            return False
+
     def close(self) -> None:
         if self.syslog is not None:
             self.syslog.close()
+
+    def __enter__(self) -> Auditor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 COLUMNS = (

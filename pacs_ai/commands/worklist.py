@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -26,11 +24,6 @@ from pacs_ai.commands.common import (
 )
 
 reviews_app = typer.Typer(help="Radiologists' reviews of AI findings.", no_args_is_help=True)
-
-
-def _date(value: str | None) -> str | None:
-    # The worklist filters on DICOM dates (YYYYMMDD); 2026-03-01 is accepted as well.
-    return value.replace("-", "") if value else None
 
 
 def worklist(
@@ -67,8 +60,8 @@ def worklist(
         "state": state,
         "priority": priority,
         "modality": modality,
-        "date_from": _date(date_from),
-        "date_to": _date(date_to),
+        "date_from": date_from,
+        "date_to": date_to,
         "review_state": review,
         "model": model,
         "limit": limit,
@@ -135,8 +128,14 @@ def reviews_export(
     """
     with open_admin(config, url, token) as node:
         export = node.reviews_export()
+    from pacs_ai.export import csv_text
+    from pacs_ai.worklist.reviews import EXPORT_FIELDS
+
     rows = export["reviews"]
-    text = _csv(rows) if fmt is ExportFormat.CSV else json.dumps(export, indent=2) + "\n"
+    if fmt is ExportFormat.CSV:
+        text = csv_text(rows, EXPORT_FIELDS)
+    else:
+        text = json.dumps(export, indent=2) + "\n"
     if out_file is None:
         typer.echo(text, nl=False)
         return
@@ -145,24 +144,3 @@ def reviews_export(
     except OSError as exc:
         fail(f"cannot write {out_file}: {exc.strerror}")
     err.print(f"{len(rows)} review(s) written to {out_file}")
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    """The CSV that GET /api/reviews/export?format=csv gives, from the exported rows."""
-    from pacs_ai.worklist.reviews import EXPORT_FIELDS
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=list(EXPORT_FIELDS), lineterminator="\n", extrasaction="ignore"
-    )
-    writer.writeheader()
-    writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-    return buffer.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    # A comment starting with = + - or @ would run as a formula in a spreadsheet (OWASP
-    # "CSV injection"): a leading apostrophe makes it text.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value

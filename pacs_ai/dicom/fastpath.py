@@ -36,6 +36,8 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from pacs_ai.dicom.part10 import uid_bytes
+
 logger = logging.getLogger(__name__)
 
 # What the node advertises as its maximum PDU (pynetdicom offers 16 KiB; see scp.build_ae).
@@ -301,12 +303,7 @@ def _command_element(element: int, value: bytes | None) -> bytes:
 
 
 def _padded_uid(uid: str | None) -> bytes | None:
-    if uid is None:
-        return None
-    # A broken sender's UID may hold non-ASCII bytes; pydicom decoded them as Latin-1, so
-    # encoding back the same way answers with exactly the bytes the sender used.
-    raw = str(uid).encode("latin-1", errors="replace")
-    return raw + b"\x00" if len(raw) % 2 else raw
+    return None if uid is None else uid_bytes(uid)
 
 
 def _padded_text(text: str) -> bytes:

@@ -25,8 +25,14 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
+def uid_bytes(value: str) -> bytes:
+    """A UI value, NUL-padded to even length.
+
+    A broken sender's UID may hold non-ASCII bytes; pydicom decoded them as Latin-1, so
+    encoding back the same way gives exactly the sender's bytes (in the stored file meta, and
+    in the C-STORE response), and the ingest refuses the UID with its reason.
+    """
+    raw = str(value).encode("latin-1", errors="replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
@@ -41,10 +47,10 @@ def file_meta(
     body = b"".join(
         [
             _element(0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, b"UI", _uid(sop_class_uid)),
-            _element(0x0003, b"UI", _uid(sop_instance_uid)),
-            _element(0x0010, b"UI", _uid(transfer_syntax_uid)),
-            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0002, b"UI", uid_bytes(sop_class_uid)),
+            _element(0x0003, b"UI", uid_bytes(sop_instance_uid)),
+            _element(0x0010, b"UI", uid_bytes(transfer_syntax_uid)),
+            _element(0x0012, b"UI", uid_bytes(IMPLEMENTATION_CLASS_UID)),
             _element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
         ]
         + ([_element(0x0016, b"AE", _text(source_ae))] if source_ae else [])

@@ -235,9 +235,15 @@ def _on_store(event: Any, ingest: Ingest) -> Dataset | int:
         )
         if outcome.status == StoreStatus.SUCCESS and outcome.header is not None:
             _tally(assoc, outcome.header.study_instance_uid)
-    except Exception:
-        # The edge: whatever went wrong, the peer gets a status and the listener lives on.
+    except Exception as exc:
+        # The edge: whatever went wrong, the peer gets a status and the listener lives on,
+        # and what it sent is kept for whoever looks into it.
         logger.exception("C-STORE from %s failed unexpectedly", calling)
+        ingest.spool.quarantine(
+            request.DataSet.getvalue(),
+            f"internal error in the receiver: {type(exc).__name__}",
+            {"status": "0x0110", "calling_ae": calling, "origin": "dimse", "data_set_only": True},
+        )
         return _status(StoreStatus.PROCESSING_FAILURE, "Internal error in receiver")
     return _status(outcome.status, outcome.comment)
 
@@ -285,12 +291,18 @@ def _on_aborted(event: Any) -> None:
 class Receiver:
     """One listening DICOM server; several may share a port from different processes."""
 
-    def __init__(self, settings: Settings, ingest: Ingest, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        reuse_port: bool = False,
+        auditor: Auditor | None = None,
+    ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.ae = build_ae(settings)
         self.reuse_port = reuse_port
-        self.auditor = Auditor(ingest.engine, settings)
+        self.auditor = auditor or Auditor(ingest.engine, settings)
         self.server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
 

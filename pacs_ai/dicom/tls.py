@@ -8,6 +8,7 @@ presents it to such peers (mutual TLS).
 
 from __future__ import annotations
 
+import functools
 import ssl
 
 from pacs_ai.config import PeerSettings, TlsSettings
@@ -38,8 +39,13 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
+@functools.cache
 def client_context(tls: TlsSettings) -> ssl.SSLContext:
-    """For calling a TLS peer: its certificate is verified (CA file, else the system's)."""
+    """For calling a TLS peer: its certificate is verified (CA file, else the system's).
+
+    Built once per settings and process (reading the key and certificates each delivery
+    would cost more than the handshake); a renewed certificate needs a restart.
+    """
     return _base(ssl.Purpose.SERVER_AUTH, tls)
 
 

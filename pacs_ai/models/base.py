@@ -92,3 +92,15 @@ class Model(Protocol):
     def load(self, device: str) -> None: ...
 
     def predict(self, volume: Volume) -> Prediction: ...
+
+
+def require_ct_volume(model: str, volume: Volume) -> None:
+    """Refuse what a Hounsfield-unit model cannot read: another modality, or not 3D."""
+    if volume.modality != "CT":
+        raise ValueError(
+            f"{model} reads Hounsfield units: modality must be CT, got {volume.modality!r}"
+        )
+    if volume.voxels.ndim != 3:
+        raise ValueError(
+            f"voxels must be 3D (slices, rows, columns), got shape {volume.voxels.shape}"
+        )

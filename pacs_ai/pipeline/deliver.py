@@ -14,7 +14,6 @@ from pathlib import Path
 from sqlalchemy import select
 
 from pacs_ai.audit.events import AuditEvent, Kind, Outcome
-from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import PeerSettings
 from pacs_ai.dicom import scu
 from pacs_ai.dicom.status import describe
@@ -83,25 +82,21 @@ def _audit(
         study_uid = conn.execute(
             select(studies.c.study_instance_uid).where(studies.c.id == delivery.study_id)
         ).scalar_one_or_none()
-    auditor = Auditor(ctx.engine, ctx.settings)
-    try:
-        auditor.record(
-            AuditEvent(
-                Kind.INSTANCES_SENT,
-                actor=peer.ae_title if peer is not None else delivery.peer,
-                address=peer.host if peer is not None else "",
-                outcome=Outcome.SUCCESS if not error else Outcome.MINOR_FAILURE,
-                target=study_uid or "",
-                detail={
-                    "peer": delivery.peer,
-                    "kind": delivery.kind,
-                    "delivery": delivery.id,
-                    **({"error": error} if error else {}),
-                },
-            )
+    ctx.auditor.record(
+        AuditEvent(
+            Kind.INSTANCES_SENT,
+            actor=peer.ae_title if peer is not None else delivery.peer,
+            address=peer.host if peer is not None else "",
+            outcome=Outcome.SUCCESS if not error else Outcome.MINOR_FAILURE,
+            target=study_uid or "",
+            detail={
+                "peer": delivery.peer,
+                "kind": delivery.kind,
+                "delivery": delivery.id,
+                **({"error": error} if error else {}),
+            },
         )
-    finally:
-        auditor.close()
+    )
 
 
 def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:

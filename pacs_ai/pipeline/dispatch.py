@@ -22,12 +22,11 @@ from pacs_ai.pipeline.assemble import StudyCompleted
 from pacs_ai.pipeline.facts import series_facts
 from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
 from pacs_ai.pipeline.route import Priority, evaluate
+from pacs_ai.results.uids import MANUFACTURER
 from pacs_ai.worklist.priority import refresh as refresh_worklist
 
 logger = logging.getLogger(__name__)
 
-# Our own SEG and SR come back when a PACS forwards a study: never route them again.
-OWN_MANUFACTURER = "pacs-ai"
 
 SendTask = Callable[[str, int, str, int], None]
 """(task name, id, queue, priority) -> None; raises if the broker cannot take it."""
@@ -47,10 +46,11 @@ class Dispatcher:
         self.clock = clock
 
     def on_study_complete(self, done: StudyCompleted) -> None:
+        # Our own SEG and SR come back when a PACS forwards a study: never route them again.
         facts = [
             f
             for f in series_facts(self.engine, done.study_id)
-            if f.values.get("Manufacturer") != OWN_MANUFACTURER
+            if f.values.get("Manufacturer") != MANUFACTURER
         ]
         decisions = evaluate(self.settings.rules, facts)
         if not decisions:

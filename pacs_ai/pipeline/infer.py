@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
 from pacs_ai.dicom.header import read_header
 from pacs_ai.errors import NotAVolume, PacsAiError
@@ -87,6 +88,11 @@ class WorkerContext:
     enqueue_job_retry: Callable[[int], None]
     clock: Callable[[], float] = time.time
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # Deliveries are audited; one Auditor (and syslog socket) per worker process.
+    auditor: Auditor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auditor = Auditor(self.engine, self.settings, self.clock)
 
 
 class LeaseKeeper:

@@ -75,6 +75,22 @@ def redis_py_url(broker_url: str) -> str:
     return broker_url.replace("redis+socket://", "unix://", 1)
 
 
+def broker_reachable(broker_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the broker answers a PING (for /readyz)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(
+            redis_py_url(broker_url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError):
+        return False
+
+
 def queue_depths(broker_url: str, timeout_s: float = 2.0) -> dict[str, int]:
     """Messages waiting in each queue (all priorities); raises ``redis.RedisError``."""
     import redis

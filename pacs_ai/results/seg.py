@@ -28,10 +28,10 @@ from pydicom.sr.coding import Code as DicomCode
 import pacs_ai
 from pacs_ai.models.base import Code, LabelSpec, ModelManifest, Prediction
 from pacs_ai.results import uids
+from pacs_ai.results.uids import MANUFACTURER
 
 logger = logging.getLogger(__name__)
 
-MANUFACTURER = "pacs-ai"
 RESEARCH_USE_ONLY = "RESEARCH USE ONLY"
 DEFAULT_DEVICE_SERIAL_NUMBER = "PACSAI"
 """Used when the caller names no node; the worker passes the node's AE title instead."""

@@ -35,12 +35,12 @@ from pacs_ai.models.base import Code, Finding, LabelSpec, ModelManifest, Predict
 from pacs_ai.results import uids
 from pacs_ai.results.seg import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
-    MANUFACTURER,
     coded,
     segment_numbers,
     series_description,
     software_versions,
 )
+from pacs_ai.results.uids import MANUFACTURER
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
+# Manufacturer (0008,0070) of every object the node writes: how the node, and the rules,
+# recognise its own results when a PACS sends them back.
+MANUFACTURER: Final = "pacs-ai"
+
 # Fixed for the life of the project: changing it changes every UID a re-run would produce.
 PACS_AI_NAMESPACE: Final = uuid.UUID("6f3c2a8e-5d1b-5c4e-9a7f-2b8d4e6c1a90")
 

@@ -134,7 +134,17 @@ def purge(
             conn.execute(
                 update(studies).where(studies.c.id == study.study_id).values(purged_at=now)
             )
+        # A modality may have sent one of these again since the commit: its new row owns
+        # the file now. (The window left is between this query and the unlink.)
+        with engine.connect() as conn:
+            back = set(
+                conn.execute(select(instances.c.path).where(instances.c.path.in_(paths)))
+                .scalars()
+                .all()
+            )
         for relative in paths:
+            if relative in back:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 spool.path_of(relative).unlink()
         _remove_empty_dirs(spool, study.study_instance_uid)

@@ -22,6 +22,16 @@ from pacs_ai.web.dicomweb import router as dicomweb_router
 access = logging.getLogger("pacs_ai.web.access")
 
 
+def _audit_request(
+    app: FastAPI, method: str, path: str, actor: str, address: str, status: int
+) -> None:
+    audited = classify(method, path, app.state.ctx.engine)
+    if audited is not None:
+        kind, target = audited
+        detail = {"method": method, "status": status}
+        app.state.auditor.record(AuditEvent(kind, actor, address, target=target, detail=detail))
+
+
 def create_app(ctx: WebContext) -> FastAPI:
     app = FastAPI(
         title="pacs-ai",
@@ -32,7 +42,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.limiter = FailureLimiter(ctx.settings.http.auth_failures_per_minute)
-    app.state.auditor = Auditor(ctx.engine, ctx.settings, ctx.clock)
+    app.state.auditor = ctx.auditor or Auditor(ctx.engine, ctx.settings, ctx.clock)
     if ctx.settings.http.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -51,17 +61,16 @@ def create_app(ctx: WebContext) -> FastAPI:
         started = time.perf_counter()
         response = await call_next(request)
         principal = getattr(request.state, "principal", None)
-        audited = classify(request.method, request.url.path)
-        if principal is not None and audited is not None and response.status_code < 400:
-            kind, target = audited
-            event = AuditEvent(
-                kind,
-                actor=principal.name,
-                address=request.client.host if request.client else "",
-                target=target,
-                detail={"method": request.method, "status": response.status_code},
+        if principal is not None and response.status_code < 400:
+            await run_in_threadpool(
+                _audit_request,
+                app,
+                request.method,
+                request.url.path,
+                principal.name,
+                request.client.host if request.client else "",
+                response.status_code,
             )
-            await run_in_threadpool(app.state.auditor.record, event)
         access.info(
             "%s %s %d %.1f ms %s",
             request.method,

@@ -50,22 +50,26 @@ class FailureLimiter:
 
     def blocked(self, client: str) -> bool:
         with self._lock:
-            return len(self._recent(client)) >= self.per_minute
+            window = self._failures.get(client)
+            if window is None:
+                return False
+            self._expire(client, window)
+            return len(window) >= self.per_minute
 
     def failed(self, client: str) -> None:
         with self._lock:
-            self._recent(client).append(self.clock())
+            window = self._failures.setdefault(client, deque())
+            self._expire(client, window)
+            window.append(self.clock())
+            self._failures[client] = window
 
-    def _recent(self, client: str) -> deque[float]:
-        window = self._failures.setdefault(client, deque())
+    def _expire(self, client: str, window: deque[float]) -> None:
         cutoff = self.clock() - 60.0
         while window and window[0] < cutoff:
             window.popleft()
         if not window:
-            # Forget quiet clients so that scanning addresses cannot grow the table forever.
-            del self._failures[client]
-            window = self._failures.setdefault(client, deque())
-        return window
+            # Forget quiet clients, so that many addresses cannot grow the table forever.
+            self._failures.pop(client, None)
 
 
 def _audit_failure(request: Request, client: str, actor: str, reason: str) -> None:
@@ -89,48 +93,58 @@ def bearer_token(request: Request) -> str:
     return request.cookies.get(COOKIE, "")
 
 
+def check_token(request: Request, token: str, permission: Permission) -> Principal:
+    """The principal for ``token`` if it holds ``permission``; else HTTPException 429/401/403.
+
+    Every refusal counts against the client address and is audited, whether the token came
+    in a header, the page's cookie or the login form.
+    """
+    ctx = request.app.state.ctx
+    limiter: FailureLimiter = request.app.state.limiter
+    client = request.client.host if request.client else "unknown"
+    if limiter.blocked(client):
+        raise HTTPException(429, "too many failed authentications; wait a minute")
+    principal = authenticate(ctx.engine, token, ctx.clock()) if token else None
+    if principal is None:
+        reason = "bad or revoked token" if token else "no token"
+        limiter.failed(client)
+        _audit_failure(request, client, "", reason)
+        logger.warning(
+            "authentication failed from %s for %s %s (%s)",
+            client,
+            request.method,
+            request.url.path,
+            reason,
+        )
+        raise HTTPException(
+            401,
+            "a valid API token is required (Authorization: Bearer TOKEN); "
+            "create one with: pacs-ai tokens create --role ROLE --name NAME",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if permission not in ROLE_PERMISSIONS[principal.role]:
+        _audit_failure(
+            request, client, principal.name, f"role {principal.role.value} lacks {permission}"
+        )
+        logger.warning(
+            "token %r (%s) refused %s %s: needs %s",
+            principal.name,
+            principal.role.value,
+            request.method,
+            request.url.path,
+            permission.value,
+        )
+        raise HTTPException(
+            403, f"role {principal.role.value!r} may not do this (needs {permission.value!r})"
+        )
+    return principal
+
+
 def requires(permission: Permission) -> Callable[[Request], Principal]:
     """A FastAPI dependency: the caller's :class:`Principal`, if it holds ``permission``."""
 
     def check(request: Request) -> Principal:
-        ctx = request.app.state.ctx
-        limiter: FailureLimiter = request.app.state.limiter
-        client = request.client.host if request.client else "unknown"
-        if limiter.blocked(client):
-            raise HTTPException(429, "too many failed authentications; wait a minute")
-        token = bearer_token(request)
-        principal = authenticate(ctx.engine, token, ctx.clock()) if token else None
-        if principal is None:
-            limiter.failed(client)
-            _audit_failure(request, client, "", "bad or revoked token" if token else "no token")
-            logger.warning(
-                "authentication failed from %s for %s %s (%s)",
-                client,
-                request.method,
-                request.url.path,
-                "bad or revoked token" if token else "no token",
-            )
-            raise HTTPException(
-                401,
-                "a valid API token is required (Authorization: Bearer TOKEN); "
-                "create one with: pacs-ai tokens create --role ROLE --name NAME",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if permission not in ROLE_PERMISSIONS[principal.role]:
-            _audit_failure(
-                request, client, principal.name, f"role {principal.role.value} lacks {permission}"
-            )
-            logger.warning(
-                "token %r (%s) refused %s %s: needs %s",
-                principal.name,
-                principal.role.value,
-                request.method,
-                request.url.path,
-                permission.value,
-            )
-            raise HTTPException(
-                403, f"role {principal.role.value!r} may not do this (needs {permission.value!r})"
-            )
+        principal = check_token(request, bearer_token(request), permission)
         request.state.principal = principal
         return principal
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
 from pacs_ai.storage.ingest import Ingest
 
@@ -27,3 +28,5 @@ class WebContext:
     readiness: Callable[[], dict[str, bool]] = field(default=_always_ready)
     # The Celery broker URL once known (the embedded Redis starts with the node).
     broker_url: str = ""
+    # The node's auditor; None makes the app build its own (tests, tools).
+    auditor: Auditor | None = None

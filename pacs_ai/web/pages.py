@@ -23,13 +23,13 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader
 
 from pacs_ai.errors import InvalidArgument, NotFound
-from pacs_ai.storage.tokens import Principal, authenticate
+from pacs_ai.storage.tokens import Principal
 from pacs_ai.web.auth import (
     COOKIE,
     ROLE_PERMISSIONS,
-    FailureLimiter,
     Permission,
     bearer_token,
+    check_token,
     requires,
 )
 from pacs_ai.web.context import WebContext
@@ -129,6 +129,13 @@ def _page_context(request: Request, who: Principal, **values: Any) -> dict[str, 
     }
 
 
+_LOGIN_REFUSALS = {
+    429: "Too many failed attempts from this address; wait a minute.",
+    401: "This token is not valid (unknown or revoked).",
+    403: "A token of this role cannot open the worklist.",
+}
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str | None = None) -> HTMLResponse:
     return _render(request, "login.html", {"next": _local(next), "error": ""})
@@ -137,25 +144,16 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 @router.post("/login", response_class=HTMLResponse, response_model=None)
 async def login(request: Request) -> Response:
     ctx = _ctx(request)
-    limiter: FailureLimiter = request.app.state.limiter
-    client = request.client.host if request.client else "unknown"
     # A urlencoded form, parsed here: python-multipart is not needed for one field.
     form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
     token = (form.get("token") or [""])[0].strip()
     target = _local((form.get("next") or ["/"])[0])
     context = {"next": target, "error": ""}
-    if limiter.blocked(client):
-        context["error"] = "Too many failed attempts from this address; wait a minute."
-        return _render(request, "login.html", context, 429)
-    principal = authenticate(ctx.engine, token, ctx.clock()) if token else None
-    if principal is None:
-        limiter.failed(client)
-        logger.warning("page login failed from %s (bad or revoked token)", client)
-        context["error"] = "This token is not valid (unknown or revoked)."
-        return _render(request, "login.html", context, 401)
-    if Permission.WORKLIST not in ROLE_PERMISSIONS[principal.role]:
-        context["error"] = f"A token of role {principal.role.value!r} cannot open the worklist."
-        return _render(request, "login.html", context, 403)
+    try:
+        principal = check_token(request, token, Permission.WORKLIST)
+    except HTTPException as exc:
+        context["error"] = _LOGIN_REFUSALS[exc.status_code]
+        return _render(request, "login.html", context, exc.status_code)
     logger.info("page login by token %r (%s)", principal.name, principal.role.value)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(

@@ -8,9 +8,6 @@ filters stays out of the logs.
 
 from __future__ import annotations
 
-import csv
-import datetime
-import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
@@ -19,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pacs_ai.errors import InvalidArgument, NotFound
+from pacs_ai.export import csv_text, parse_since
 from pacs_ai.storage.tokens import Principal
 from pacs_ai.web.auth import Permission, requires
 from pacs_ai.web.context import WebContext
@@ -47,11 +45,6 @@ def http_errors() -> Iterator[None]:
         raise HTTPException(422, str(exc)) from None
 
 
-def study_date(value: str | None) -> str | None:
-    """YYYYMMDD as DICOM writes it; YYYY-MM-DD (an HTML date input) is taken too."""
-    return value.replace("-", "") if value else None
-
-
 def worklist_filter(
     state: Annotated[str | None, Query(description="RECEIVING/COMPLETE or an AI state")] = None,
     priority: Annotated[str | None, Query(description="STAT, HIGH, ROUTINE or NONE")] = None,
@@ -68,8 +61,8 @@ def worklist_filter(
         state=state or None,
         priority=priority or None,
         modality=modality or None,
-        date_from=study_date(date_from),
-        date_to=study_date(date_to),
+        date_from=date_from,
+        date_to=date_to,
         review_state=review_state or None,
         model=model or None,
         limit=limit,
@@ -146,33 +139,6 @@ def post_review(request: Request, who: Reviewer, study_id: int, body: ReviewIn) 
     return {**review.as_json(), "review_state": state}
 
 
-def _since(value: str | None) -> float | None:
-    """UNIX seconds, or an ISO 8601 date or time (UTC unless it names a zone)."""
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"since must be UNIX seconds or an ISO 8601 date/time, not {value!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
-
-
-def _cell(value: Any) -> Any:
-    # A comment starting with = + - or @ would run as a formula in a spreadsheet (OWASP
-    # "CSV injection"): a leading apostrophe makes it text.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
 @router.get("/reviews/export", response_model=None)
 def export_reviews(
     request: Request,
@@ -182,15 +148,11 @@ def export_reviews(
 ) -> Response | Json:
     """Every review with its study UID, model and finding, to measure the models' precision."""
     with http_errors():
-        rows = reviews.export(_ctx(request).engine, _since(since))
+        rows = reviews.export(_ctx(request).engine, parse_since(since) if since else None)
     if format == "json":
         return {"by_model": reviews.by_model(rows), "reviews": rows}
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=reviews.EXPORT_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
     return Response(
-        out.getvalue(),
+        csv_text(rows, reviews.EXPORT_FIELDS),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": 'attachment; filename="pacs-ai-reviews.csv"'},
     )

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, and_, func, select
 
 from pacs_ai.errors import InvalidArgument, NotFound
 from pacs_ai.pipeline.route import Priority
+from pacs_ai.results.uids import MANUFACTURER
 from pacs_ai.storage.schema import (
     ACCEPTED,
     CANCELED,
@@ -41,8 +42,6 @@ from pacs_ai.storage.schema import (
 from pacs_ai.worklist import reviews
 from pacs_ai.worklist.findings import JobView, job_views
 
-# Our own results come back as series of the study; they are not what the modality sent.
-OWN_MANUFACTURER = "pacs-ai"
 MAX_LIMIT = 500
 REVIEW_STATES = (UNREVIEWED, ACCEPTED, REJECTED, PARTIAL)
 
@@ -76,6 +75,13 @@ class WorklistFilter:
     model: str | None = None
     limit: int = 50
     offset: int = 0
+
+    def __post_init__(self) -> None:
+        # StudyDate is YYYYMMDD; YYYY-MM-DD (an HTML date input, a typed CLI date) means the same.
+        for name in ("date_from", "date_to"):
+            value = getattr(self, name)
+            if value:
+                object.__setattr__(self, name, value.replace("-", ""))
 
     def check(self) -> None:
         """Raise :class:`InvalidArgument` naming the first bad value."""
@@ -206,9 +212,10 @@ def _modalities(conn: Connection, study_ids: list[int]) -> dict[int, list[str]]:
     if not study_ids:
         return {}
     found: dict[int, set[str]] = {}
+    # The modalities the modality sent: our own results (also when a PACS sent them back) not.
     for study_id, modality in conn.execute(
         select(series.c.study_id, series.c.modality)
-        .where(series.c.study_id.in_(study_ids), series.c.manufacturer != OWN_MANUFACTURER)
+        .where(series.c.study_id.in_(study_ids), series.c.manufacturer != MANUFACTURER)
         .distinct()
     ):
         if modality:
@@ -284,7 +291,7 @@ def study_detail(engine: Engine, study_id: int) -> dict[str, Any]:
                 "series_number": row.series_number,
                 "series_description": row.series_description,
                 "instance_count": int(row.instance_count),
-                "result": row.manufacturer == OWN_MANUFACTURER,
+                "result": row.manufacturer == MANUFACTURER,
             }
             for row in series_rows
         ],

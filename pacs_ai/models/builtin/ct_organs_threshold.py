@@ -36,6 +36,7 @@ from pacs_ai.models.base import (
     LabelSpec,
     ModelManifest,
     Prediction,
+    require_ct_volume,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,15 +107,7 @@ class CtOrgansThreshold:
         logger.debug("%s needs no loading (device %s ignored)", MANIFEST.name, device)
 
     def predict(self, volume: Volume) -> Prediction:
-        if volume.modality != "CT":
-            raise ValueError(
-                f"{MANIFEST.name} reads Hounsfield units: modality must be CT, "
-                f"got {volume.modality!r}"
-            )
-        if volume.voxels.ndim != 3:
-            raise ValueError(
-                f"voxels must be 3D (slices, rows, columns), got shape {volume.voxels.shape}"
-            )
+        require_ct_volume(MANIFEST.name, volume)
         masks = segment(volume.voxels, volume.voxel_volume_ml)
         labelmap = np.zeros(volume.voxels.shape, dtype=np.uint8)
         labelmap[masks.body] = BODY

@@ -47,6 +47,7 @@ from pacs_ai.models.base import (
     LabelSpec,
     ModelManifest,
     Prediction,
+    require_ct_volume,
 )
 from pacs_ai.models.nodules import (
     BASE_CHANNELS,
@@ -140,15 +141,7 @@ class LungNoduleDemo:
     def predict(self, volume: Volume) -> Prediction:
         if self._net is None or self._device is None:
             raise RuntimeError(f"{MANIFEST.name}: call load(device) before predict()")
-        if volume.modality != "CT":
-            raise ValueError(
-                f"{MANIFEST.name} reads Hounsfield units: modality must be CT, "
-                f"got {volume.modality!r}"
-            )
-        if volume.voxels.ndim != 3:
-            raise ValueError(
-                f"voxels must be 3D (slices, rows, columns), got shape {volume.voxels.shape}"
-            )
+        require_ct_volume(MANIFEST.name, volume)
         probability = probability_map(self._net, self._device, volume)
         labelmap, findings = nodules(probability, volume.spacing)
         logger.info(

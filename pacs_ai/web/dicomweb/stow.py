@@ -19,6 +19,7 @@ Status mapping (PS3.18 Table 10.5.3-1; failure reasons from Table I.2-2):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from pacs_ai.audit.events import AuditEvent, Kind
 from pacs_ai.dicom.header import MalformedDataset, read_header
 from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.storage.tokens import Principal
@@ -105,6 +107,28 @@ async def _receive(request: Request, principal: Principal, study: str | None) ->
     calling_ae = _calling_ae(ctx, principal)
     reader = MultipartReader(boundary)
     results: list[PartResult] = []
+    try:
+        await _read_parts(request, reader, ctx, calling_ae, study, limit, limit_mb, results)
+    finally:
+        # What was stored is audited even when the upload is then refused (413, broken body).
+        await run_in_threadpool(_audit_stored, request, principal, results)
+    if not results:
+        raise HTTPException(
+            400, "the request holds no parts; send one application/dicom part per instance"
+        )
+    return _answer(request, principal, results)
+
+
+async def _read_parts(
+    request: Request,
+    reader: MultipartReader,
+    ctx: WebContext,
+    calling_ae: str,
+    study: str | None,
+    limit: int,
+    limit_mb: float,
+    results: list[PartResult],
+) -> None:
     received = 0
     try:
         async for chunk in request.stream():
@@ -123,11 +147,20 @@ async def _receive(request: Request, principal: Principal, study: str | None) ->
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
         # Parts already stored are durable and must be reported; the rest is one failure.
         results.append(PartResult(StoreStatus.CANNOT_UNDERSTAND, str(exc)))
-    if not results:
-        raise HTTPException(
-            400, "the request holds no parts; send one application/dicom part per instance"
+
+
+def _audit_stored(request: Request, principal: Principal, results: list[PartResult]) -> None:
+    counts = Counter(r.study_instance_uid for r in results if r.stored)
+    for study_uid, count in counts.items():
+        request.app.state.auditor.record(
+            AuditEvent(
+                Kind.INSTANCES_RECEIVED,
+                actor=principal.name,
+                address=request.client.host if request.client else "",
+                target=study_uid,
+                detail={"instances": count, "protocol": "STOW-RS"},
+            )
         )
-    return _answer(request, principal, results)
 
 
 def _check_declared_length(request: Request, limit: int, limit_mb: float) -> None:
@@ -226,7 +259,9 @@ def _answer(request: Request, principal: Principal, results: list[PartResult]) -
         principal.name,
         len(stored),
         len(failed),
-        f", first failure 0x{failed[0].status:04X} {failed[0].sop_instance_uid}" if failed else "",
+        f", first failure 0x{failed[0].status:04X} {failed[0].sop_instance_uid}: {failed[0].reason}"
+        if failed
+        else "",
         code,
     )
     return JSONResponse(
