@@ -10,7 +10,7 @@ PIP_FLAGS ?= -q
 # dcmtk's tools (storescu, storescp) and Orthanc, which embeds dcmtk, leave Nagle on otherwise.
 export TCP_NODELAY := 1
 
-.PHONY: run test install system-deps lint typecheck unit bench soak fuzz train-nodules clean
+.PHONY: run test test-pg install system-deps lint typecheck unit bench soak fuzz train-nodules clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ unit: install
 
 test: install system-deps lint typecheck
 	$(PY) -m pytest
+
+# The whole suite again with every test's database on PostgreSQL (tests/databases.py); `make
+# test` covers PostgreSQL only in the tests marked postgres. Needs a server on 127.0.0.1:5432
+# with trust auth, or PACS_AI_TEST_PG set to another admin URL.
+test-pg: install system-deps
+	PACS_AI_TEST_DATABASE=postgresql $(PY) -m pytest
 
 bench: install system-deps
 	$(PY) bench/ingest.py

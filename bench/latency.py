@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
+from tests.databases import read_rows
 from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
 
 STAGES = ("receive", "quiet", "dispatch", "queue wait", "volume", "inference", "encode", "delivery")
@@ -58,13 +58,11 @@ def _node(workdir: Path, orthanc: OrthancProcess, model: str, quiet_s: float) ->
 
 
 def _stages(node: NodeProcess, sent_at: float) -> dict[str, float]:
-    assert node.data_dir is not None
-    with sqlite3.connect(node.data_dir / "index.sqlite3") as db:
-        last_received = db.execute("SELECT max(received_at) FROM instances").fetchone()[0]
-        completed = db.execute("SELECT completed_at FROM studies").fetchone()[0]
-        enqueued, started, finished, timings = db.execute(
-            "SELECT enqueued_at, started_at, finished_at, timings FROM jobs"
-        ).fetchone()
+    last_received = read_rows(node.index_url, "SELECT max(received_at) FROM instances")[0][0]
+    completed = read_rows(node.index_url, "SELECT completed_at FROM studies")[0][0]
+    enqueued, started, finished, timings = read_rows(
+        node.index_url, "SELECT enqueued_at, started_at, finished_at, timings FROM jobs"
+    )[0]
     t = json.loads(timings)
     encoded_at = started + t["volume"] + t["inference"] + t["encode"]
     return {

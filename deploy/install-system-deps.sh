@@ -16,6 +16,17 @@ command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 
+# --- tools for tests/test_deploy.py: the deploy/ files are checked offline -----------------
+#   docker-compose     Debian's Compose v1 validates deploy/compose.yaml (`docker-compose config`);
+#                      skipped when the `docker compose` plugin is there, which the test prefers
+#   kubernetes-client  kubectl, for `kubectl kustomize deploy/k8s` (any kubectl will do)
+#   systemd            systemd-analyze, for `systemd-analyze verify` of deploy/systemd/*.service
+{ command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; } \
+  || need+=(docker-compose)
+command -v kubectl >/dev/null || need+=(kubernetes-client)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+# --- end of the deploy tools --------------------------------------------------------------
+
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

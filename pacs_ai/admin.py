@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Engine, Row
 
@@ -182,11 +183,85 @@ def rules_explain(settings: Settings, engine: Engine, study_uid: str) -> list[Js
 # --- status --------------------------------------------------------------------------------
 
 
-def node_status(settings: Settings, engine: Engine) -> Json:
-    """Node health: is the DICOM listener answering, free disk, what the index holds.
+# How long `pacs-ai status` may wait for the broker and the workers in all.
+BROKER_STATUS_S = 2.0
+
+
+def node_broker_url(settings: Settings) -> str:
+    """The broker the node uses: the configured one, else its embedded Redis's socket."""
+    if settings.broker.url:
+        return settings.broker.url
+    from pacs_ai.broker import EmbeddedRedis
+
+    # The socket's path follows from the data dir alone, so a CLI on the node's host finds
+    # a running node's embedded broker without asking it.
+    return EmbeddedRedis(settings.node.data_dir).url
+
+
+_T = TypeVar("_T")
+
+
+def _within(call: Callable[[], _T], timeout_s: float) -> _T:
+    """``call()``, or TimeoutError after ``timeout_s``: kombu's broadcast publish retries a
+    connection lost mid-call without end, and a status must answer whatever the broker does."""
+    box: list[_T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(call())
+        except BaseException as exc:  # handed to the caller's thread as is
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="status-broker", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    if not box:
+        raise TimeoutError(f"the broker did not answer within {timeout_s:.0f} s")
+    return box[0]
+
+
+def broker_status(broker_url: str, timeout_s: float = BROKER_STATUS_S) -> Json:
+    """The broker, its queue depths and the workers that answer, within about ``timeout_s``.
+
+    ``queues_without_worker`` names the queues that no answering worker consumes (messages
+    there wait for ever). An unreachable broker gives ``reachable: false`` with the error,
+    ``queues: null`` and no workers.
+    """
+    from pacs_ai.pipeline import queues
+
+    deadline = time.monotonic() + timeout_s
+    broker: Json = {"url": queues.masked_url(broker_url), "reachable": False, "error": None}
+    report: Json = {"broker": broker, "queues": None, "workers": [], "queues_without_worker": []}
+    try:
+        # Depths first: one quick round trip that also says whether the broker answers.
+        depths = queues.queue_depths(broker_url, timeout_s=min(0.5, timeout_s / 4))
+        workers = _within(
+            lambda: queues.worker_report(broker_url, max(deadline - time.monotonic(), 0.2)),
+            timeout_s + 1.0,
+        )
+    except queues.broker_errors() as exc:  # TimeoutError is an OSError
+        broker["error"] = str(exc) or type(exc).__name__
+        return report
+    broker["reachable"] = True
+    report["queues"] = depths
+    report["workers"] = [w.as_json() for w in workers]
+    # A worker that did not say what it consumes might consume anything: no alarm then.
+    if all(w.queues is not None for w in workers):
+        consumed = {q for w in workers for q in w.queues or ()}
+        report["queues_without_worker"] = [q for q in queues.QUEUES if q not in consumed]
+    return report
+
+
+def node_status(settings: Settings, engine: Engine, broker_url: str | None = None) -> Json:
+    """Node health: is the DICOM listener answering, free disk, what the index holds, and
+    the broker, its queues and workers (:func:`broker_status`).
 
     Everything here is read on the node's host, so the answer is the same whether the CLI
-    runs there or asks over HTTP.
+    runs there or asks over HTTP. ``broker_url`` is the running node's (the HTTP service
+    knows it); None finds it from the settings (:func:`node_broker_url`).
     """
     from pacs_ai.dicom.scu import echo
     from pacs_ai.storage.spool import Spool
@@ -220,6 +295,7 @@ def node_status(settings: Settings, engine: Engine) -> Json:
             "below_reserve": disk.free < spool.reserve_bytes,
         },
         "counts": {**index.totals(engine), "quarantined": spool.quarantine_count()},
+        **broker_status(broker_url or node_broker_url(settings)),
     }
 
 

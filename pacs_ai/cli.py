@@ -94,8 +94,17 @@ def worker(
     queues: Annotated[str | None, typer.Option(help="Comma-separated: infer, send.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Processes (one per GPU).")] = None,
+    node_url: Annotated[
+        str | None,
+        typer.Option(help="The node's HTTP URL, for a worker that shares no disk with it."),
+    ] = None,
 ) -> None:
-    """Run a Celery worker against the configured broker: inference and/or delivery."""
+    """Run a Celery worker against the configured broker: inference and/or delivery.
+
+    On a machine that shares no disk with the node, give --node-url and a token of role
+    worker in PACS_AI_WORKER__TOKEN: the worker then fetches series over WADO-RS and hands
+    its results back over HTTP, and consumes only the infer queue.
+    """
     import os
     import socket
 
@@ -110,6 +119,8 @@ def worker(
         os.environ["PACS_AI_WORKER__DEVICE"] = device
     if concurrency:
         os.environ["PACS_AI_WORKER__CONCURRENCY"] = str(concurrency)
+    if node_url:
+        os.environ["PACS_AI_WORKER__NODE_URL"] = node_url
     settings = _settings(None)
     unknown = set(settings.worker.queues) - {"infer", "send"}
     if unknown:
@@ -311,7 +322,7 @@ app.add_typer(tokens_app, name="tokens", no_args_is_help=True)
 
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[str, typer.Option(help="admin, radiologist or integration.")],
+    role: Annotated[str, typer.Option(help="admin, radiologist, integration or worker.")],
     name: Annotated[str, typer.Option(help="Who or what uses it (unique), e.g. dr-smith.")],
     peer: Annotated[
         str, typer.Option(help="For STOW-RS senders: the [[peers]] name results go back to.")

@@ -129,16 +129,21 @@ class RetentionSettings(_Section):
 
     A study's sources are removed only when every job on it has ended (DELIVERED, SKIPPED or
     CANCELED; FAILED only with ``purge_failed``), every delivery and forward is DONE, and
-    nothing arrived for ``keep_days``. Index rows, results (SEG/SR), reviews and the audit
-    trail stay.
+    nothing arrived for ``keep_days``. With ``require_commitment``, every delivery made to a
+    peer with ``storage_commitment = true`` must also be COMMITTED by that peer. Index rows,
+    results (SEG/SR), reviews and the audit trail stay.
     """
 
     # pacs-ai serve purges by itself every interval_h hours; otherwise only `pacs-ai purge`.
     automatic: bool = False
     keep_days: float = Field(30.0, ge=0)
     interval_h: float = Field(1.0, gt=0)
-    # Purge studies whose jobs FAILED too (their results will never be delivered).
+    # Purge studies whose jobs FAILED too (their results will never be delivered), and those
+    # whose storage commitment FAILED or went UNANSWERED.
     purge_failed: bool = False
+    # Keep the sources until each storage commitment requested for the study's deliveries
+    # (results and forwards) is answered COMMITTED (DICOM Storage Commitment, PS3.4 Annex J).
+    require_commitment: bool = False
 
 
 class DatabaseSettings(_Section):
@@ -191,6 +196,35 @@ class WorkerSettings(_Section):
     # How long a QUEUED job may wait after enqueueing before the reconciler sends it again.
     requeue_after_s: float = Field(600.0, gt=0)
     reconcile_interval_s: float = Field(10.0, gt=0)
+    # A worker on a machine that shares no disk with the node: the node's HTTP URL and a
+    # token of role "worker" (`pacs-ai tokens create --role worker NAME`). It fetches series
+    # over WADO-RS and hands results back over the node's worker API. Empty: this machine's
+    # database and spool.
+    node_url: str = Field("", pattern=r"^(|https?://[^\s/@]+(/\S*)?)$")
+    token: str = Field("", repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _remote_queues(cls, data: Any) -> Any:
+        # A remote worker can only run inference: deliveries read the node's files.
+        if isinstance(data, dict) and data.get("node_url") and "queues" not in data:
+            return {**data, "queues": ("infer",)}
+        return data
+
+    @model_validator(mode="after")
+    def _remote_needs(self) -> WorkerSettings:
+        if self.node_url and "send" in self.queues:
+            raise ValueError(
+                "a worker with node_url set cannot consume the 'send' queue (deliveries read "
+                "the node's own files); give it queues = [\"infer\"] and let the node's "
+                "embedded worker, or a worker on the node's machine, consume 'send'"
+            )
+        if self.node_url and not self.token:
+            raise ValueError(
+                "node_url needs a token of role worker: `pacs-ai tokens create --role worker "
+                "NAME` on the node, then set worker.token or PACS_AI_WORKER__TOKEN"
+            )
+        return self
 
 
 class DeliverySettings(_Section):
@@ -222,6 +256,17 @@ class PeerSettings(_Section):
     dicomweb_url: str = ""
     # Call this peer over DICOM TLS (its certificate checked against tls.ca_certificates).
     tls: bool = False
+    # After each delivery, ask the peer to commit to keeping what it received (Storage
+    # Commitment Push Model, PS3.4 Annex J). Its report may come on the request's association
+    # or on a new one to the node's listener: the peer must know the node's AE, host and port.
+    storage_commitment: bool = False
+    # A request left unanswered this long is made again (new Transaction UID), at most
+    # commitment_max_requests times in all; then the commitment is UNANSWERED.
+    commitment_timeout_s: float = Field(600.0, gt=0)
+    commitment_max_requests: int = Field(3, ge=1, le=20)
+    # How long the request's association stays open for a report on it. Orthanc always
+    # reports on a new association, so waiting there only holds the sender.
+    commitment_wait_s: float = Field(0.0, ge=0, le=60)
 
     @model_validator(mode="after")
     def _dicomweb_needs_url(self) -> PeerSettings:
@@ -229,6 +274,8 @@ class PeerSettings(_Section):
             ("http://", "https://")
         ):
             raise ValueError('protocol = "dicomweb" needs dicomweb_url = "http(s)://host/root"')
+        if self.protocol == "dicomweb" and self.storage_commitment:
+            raise ValueError('storage_commitment is a DIMSE service: it needs protocol = "dimse"')
         return self
 
 

@@ -228,6 +228,7 @@ class Node:
             ingest,
             readiness=readiness,
             broker_url=runtime.broker_url if runtime is not None else "",
+            send_task=runtime.send_task if runtime is not None else None,
             auditor=auditor,
         )
         http = HttpServer(ctx)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pydicom.config
@@ -9,7 +10,16 @@ from sqlalchemy import Engine
 
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
 from pacs_ai.storage.db import open_database
-from tests.databases import postgres_database
+from tests.databases import (
+    MODE_ENV,
+    MODES,
+    TEST_DATABASE,
+    THROWAWAY,
+    database_params,
+    node_database,
+    on_postgresql,
+    postgres_database,
+)
 from tests.peers import DCMTK, ORTHANC, NodeProcess, OrthancProcess
 
 REQUIRED_TOOLS = [DCMTK / "storescu", DCMTK / "echoscu", ORTHANC, DCMTK / "dciodvfy"]
@@ -18,6 +28,8 @@ REQUIRED_TOOLS = [DCMTK / "storescu", DCMTK / "echoscu", ORTHANC, DCMTK / "dciod
 def pytest_configure(config: pytest.Config) -> None:
     # Real files carry odd values; reading them must not turn into test errors.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    if TEST_DATABASE not in MODES:
+        raise pytest.UsageError(f"{MODE_ENV}={TEST_DATABASE!r}: expected one of {MODES}")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -27,6 +39,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"missing real peers {missing}: run `make test` (it installs them) or "
             "`bash deploy/install-system-deps.sh` as root"
         )
+    # Asked for PostgreSQL everywhere, a missing server is an error, not hundreds of skips.
+    if on_postgresql() and (why := THROWAWAY.reachable()):
+        raise pytest.UsageError(f"{MODE_ENV}=postgresql, but {why}; set PACS_AI_TEST_PG")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    THROWAWAY.drop_all()
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """Drop the PostgreSQL databases made during this test once its fixtures are torn down.
+
+    Autouse, so set up before the test's other function-scoped fixtures and torn down after
+    them: its nodes are stopped (or were killed) by then. A node's database outlives its
+    restarts within the test; module-scoped fixtures' databases go at the end of the session.
+    """
+    mark = THROWAWAY.mark()
+    yield
+    THROWAWAY.drop_since(mark)
 
 
 @pytest.fixture(scope="session")
@@ -75,15 +107,21 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A node's ``[database] url`` for this run: empty (SQLite in its data dir) or PostgreSQL."""
+    with node_database() as url:
+        yield url
+
+
+@pytest.fixture(params=database_params())
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """A migrated index database: SQLite, and PostgreSQL where one is reachable."""
-    if request.param == "sqlite":
-        eng = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-        yield eng
-        eng.dispose()
-        return
-    with postgres_database() as url:
+    """A migrated index database: SQLite and PostgreSQL, or only PostgreSQL in that mode."""
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+        else:
+            url = stack.enter_context(postgres_database())
         eng = open_database(url)
         yield eng
         eng.dispose()

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.databases import THROWAWAY, on_postgresql, read_rows
+
 DCMTK = Path("/usr/bin")
 ORTHANC = Path("/usr/sbin/Orthanc")
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
@@ -72,6 +74,8 @@ class NodeProcess:
     extra_node: dict[str, Any] = field(default_factory=dict)
     # Calling AE of the readiness C-ECHO; with an allow-list it must be a configured peer's.
     probe_ae: str = "ECHOSCU"
+    # Empty: the node's SQLite in its data dir, or under PACS_AI_TEST_DATABASE=postgresql a
+    # fresh PostgreSQL database, kept across restarts and dropped when the test ends.
     database_url: str = ""
     extra_worker: dict[str, Any] = field(default_factory=dict)
     ai_worker: bool = False
@@ -83,6 +87,8 @@ class NodeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.data_dir is None:
             self.data_dir = self.workdir / "data"
+        if not self.database_url and on_postgresql():
+            self.database_url = THROWAWAY.create()
         self.config = self.workdir / "pacs-ai.toml"
         self.log = self.workdir / "node.log"
         self.write_config()
@@ -122,6 +128,12 @@ class NodeProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def index_url(self) -> str:
+        """The node's index database, as its settings resolve an empty ``[database] url``."""
+        assert self.data_dir is not None
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'index.sqlite3'}"
 
     def token(self, role: str, name: str = "", peer: str = "") -> str:
         """A new API token for ``role`` (``pacs-ai tokens create``: the token is the last line)."""
@@ -342,12 +354,5 @@ def results_in(orthanc: OrthancProcess, study_uid: str) -> dict[str, list[bytes]
 
 def running_job_worker(node: NodeProcess) -> tuple[int, int] | None:
     """(job id, worker pid) of a RUNNING job, read straight from the node's index."""
-    import sqlite3
-
-    assert node.data_dir is not None
-    path = node.data_dir / "index.sqlite3"
-    if not path.exists():
-        return None
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
-        row = conn.execute("SELECT id, worker FROM jobs WHERE state = 'RUNNING'").fetchone()
-    return None if row is None else (int(row[0]), int(row[1].rsplit(":", 1)[1]))
+    rows = read_rows(node.index_url, "SELECT id, worker FROM jobs WHERE state = 'RUNNING'")
+    return None if not rows else (int(rows[0][0]), int(rows[0][1].rsplit(":", 1)[1]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pacs_ai.pipeline.assemble import Assembler, StudyCompleted, due
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.index import QuietStudy
+from tests.databases import index_database
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
@@ -27,8 +29,11 @@ class Clock:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return open_database(f"sqlite:///{tmp_path / 'i.sqlite3'}")
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    with index_database(tmp_path / "i.sqlite3") as url:
+        engine = open_database(url)
+        yield engine
+        engine.dispose()
 
 
 def instance(n: int, series: str = "1.2.3.1") -> object:
@@ -101,10 +106,12 @@ def test_a_failing_listener_does_not_stop_the_others(engine: Engine) -> None:
     assert sorted(heard) == sorted([HEADER.study_instance_uid, "1.9"])
 
 
-def test_two_nodes_sharing_a_database_complete_a_study_once(engine: Engine, tmp_path: Path) -> None:
+def test_two_nodes_sharing_a_database_complete_a_study_once(engine: Engine) -> None:
     clock = Clock()
     index.InstanceRecorder(engine).record(instance(1), "CT1", "1.dcm", 1, clock())
-    other_engine = open_database(f"sqlite:///{tmp_path / 'i.sqlite3'}", run_migrations=False)
+    other_engine = open_database(
+        engine.url.render_as_string(hide_password=False), run_migrations=False
+    )
     heard: list[StudyCompleted] = []
     first = Assembler(engine, 1, [heard.append], clock)
     second = Assembler(other_engine, 1, [heard.append], clock)
@@ -116,3 +123,4 @@ def test_two_nodes_sharing_a_database_complete_a_study_once(engine: Engine, tmp_
     results = [first.poll(), second.poll()]
     assert sorted(len(r) for r in results) == [0, 1]
     assert len(heard) == 1
+    other_engine.dispose()

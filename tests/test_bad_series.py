@@ -42,10 +42,13 @@ def _tilt(path: Path) -> None:
     ids=["pixel-data-shorter-than-header", "mixed-orientations"],
 )
 def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
-    tmp_path: Path, damage: object, reason: str
+    tmp_path: Path, database_url: str, damage: object, reason: str
 ) -> None:
     config = tmp_path / "pacs-ai.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[storage]\nreserve_mb = 1\n')
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n[storage]\nreserve_mb = 1\n'
+        f'[database]\nurl = "{database_url}"\n'
+    )
     settings = load_settings(config)
     ingest = make_ingest(settings, run_migrations=True)
     truth = write_chest_ct(tmp_path / "ct", SMALL, with_lung_series=False, with_scout=False)

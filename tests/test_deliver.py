@@ -4,6 +4,7 @@ that is down, which backs off, fails visibly, and never holds up the others."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,14 @@ from tests.realdata import real_file
 pytestmark = pytest.mark.slow
 
 
-def settings_for(tmp_path: Path, orthanc: OrthancProcess) -> Settings:
+def settings_for(tmp_path: Path, orthanc: OrthancProcess, database_url: str) -> Settings:
     config = tmp_path / "pacs-ai.toml"
     config.write_text(
         f"""
 [node]
 data_dir = "{tmp_path / "data"}"
+[database]
+url = "{database_url}"
 [delivery]
 max_attempts = 3
 backoff_s = 1
@@ -54,10 +57,10 @@ port = {free_port()}
 
 
 def test_deliveries_to_up_and_down_peers(
-    orthanc_factory: type[OrthancProcess], tmp_path: Path
+    orthanc_factory: type[OrthancProcess], tmp_path: Path, database_url: str
 ) -> None:
     orthanc = orthanc_factory(tmp_path / "orthanc", dicomweb=True).start()
-    settings = settings_for(tmp_path, orthanc)
+    settings = settings_for(tmp_path, orthanc, database_url)
     engine = open_database(settings.database_url)
     clock = [1000.0]
     ctx = WorkerContext(
@@ -118,3 +121,34 @@ def test_deliveries_to_up_and_down_peers(
     (job_row,) = jobs.job_rows(engine)
     assert job_row.state == "ENCODED"  # not DELIVERED while a destination is missing it
     assert jobs.retry_delivery(engine, down, clock[0])
+
+
+def test_a_forward_with_a_missing_file_fails_and_sends_nothing(
+    orthanc_factory: type[OrthancProcess], tmp_path: Path, database_url: str
+) -> None:
+    orthanc = orthanc_factory(tmp_path / "orthanc").start()
+    settings = settings_for(tmp_path, orthanc, database_url)
+    engine = open_database(settings.database_url)
+    ctx = WorkerContext(settings, engine, ModelCache("cpu"), lambda _: None, lambda _: None)
+    # A series of two instances, one of whose files has gone from the spool.
+    data = real_file("CT_small.dcm").read_bytes()
+    header = read_header(data)
+    recorder = index.InstanceRecorder(engine)
+    for n in (1, 2):
+        relative = f"{header.study_instance_uid}/{header.series_instance_uid}/{n}.dcm"
+        recorder.record(replace(header, sop_instance_uid=f"1.2.3.{n}"), "PACS", relative, 1, 1.0)
+    (settings.spool_dir / header.study_instance_uid / header.series_instance_uid).mkdir(
+        parents=True
+    )
+    (
+        settings.spool_dir / f"{header.study_instance_uid}/{header.series_instance_uid}/1.dcm"
+    ).write_bytes(data)
+    (study,) = index.list_studies(engine)
+    forward = jobs.ForwardSpec(study.id, "pacs", "SERIES", header.series_instance_uid)
+    _, (delivery_id,) = jobs.create(engine, [], [forward], 3, 3, 10.0)
+
+    assert run_delivery(ctx, delivery_id) == "PENDING"
+    (row,) = jobs.delivery_rows(engine)
+    assert "1 of 2 file(s) cannot be read, nothing sent" in row.last_error
+    assert "2.dcm" in row.last_error
+    assert orthanc.get("/instances") == []  # no partial forward

@@ -37,7 +37,7 @@ from pacs_ai.web.dicomweb.multipart import (
     stow_boundary,
 )
 from pacs_ai.web.dicomweb.query import MAX_LIMIT, QueryError, parse_query
-from tests.databases import postgres_database
+from tests.databases import database_params, postgres_database
 from tests.realdata import real_file
 from tests.web import bearer, web_client
 
@@ -431,9 +431,7 @@ def study_uids(answer: list[dict[str, Any]]) -> set[str]:
     return {values(a, "0020000D")[0] for a in answer}
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=database_params())
 def held(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Held]:

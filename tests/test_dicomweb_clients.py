@@ -6,7 +6,6 @@ Each test runs ``pacs-ai serve`` as a process and talks to it over HTTP on loopb
 from __future__ import annotations
 
 import io
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
+from tests.databases import read_rows
 from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
 from tests.realdata import real_file
 
@@ -154,15 +154,13 @@ def test_an_ai_result_appears_in_qido_and_wado(
 
     wait_for(delivered, 240, "the AI job to deliver its results", interval=1)
     assert node.data_dir is not None
-    index = f"file:{node.data_dir / 'index.sqlite3'}?mode=ro"
-    with sqlite3.connect(index, uri=True) as conn:
-        # The job's outputs, as its deliveries name them (path relative to the data dir).
-        made = {
-            sop: (kind, path)
-            for kind, path, sop in conn.execute(
-                "SELECT kind, payload, sop_instance_uid FROM deliveries"
-            )
-        }
+    # The job's outputs, as its deliveries name them (path relative to the data dir).
+    made = {
+        sop: (kind, path)
+        for kind, path, sop in read_rows(
+            node.index_url, "SELECT kind, payload, sop_instance_uid FROM deliveries"
+        )
+    }
     assert sorted(kind for kind, _ in made.values()) == ["SEG", "SR"]
 
     client = client_for(node, "radiologist")
@@ -181,8 +179,7 @@ def test_an_ai_result_appears_in_qido_and_wado(
     assert first(qido, "00201208") == len(phantom.files) + 2
     assert qido["00080061"]["Value"] == ["CT", "SEG", "SR"]
 
-    with sqlite3.connect(index, uri=True) as conn:
-        kinds = dict(conn.execute("SELECT sop_instance_uid, kind FROM instances").fetchall())
+    kinds = dict(read_rows(node.index_url, "SELECT sop_instance_uid, kind FROM instances"))
     assert {kinds[sop] for sop in made} == {"result"}
     assert sum(k == "source" for k in kinds.values()) == len(phantom.files)
     (study,) = node.studies()

@@ -29,6 +29,7 @@ from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.ingest import Ingest
 from pacs_ai.storage.spool import Spool, is_valid_uid
+from tests.databases import index_database
 from tests.dicom_peer import association, store
 from tests.peers import NodeProcess, echoscu_ok
 from tests.realdata import real_file
@@ -107,11 +108,14 @@ def mutated(draw: st.DrawFn) -> Mutation:
 
 
 @pytest.fixture(scope="module")
-def ingest(tmp_path_factory: pytest.TempPathFactory) -> Ingest:
+def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
     data_dir = tmp_path_factory.mktemp("fuzz")
     spool = Spool(data_dir, 0)
     spool.prepare(clean_tmp=True)
-    return Ingest(spool, open_database(f"sqlite:///{data_dir / 'index.sqlite3'}"))
+    with index_database(data_dir / "index.sqlite3") as url:
+        engine = open_database(url)
+        yield Ingest(spool, engine)
+        engine.dispose()
 
 
 @settings(

@@ -230,3 +230,64 @@ def test_our_own_results_are_never_routed_again(engine: Engine, tmp_path: Path) 
     forwarded = {r.payload for r in jobs.delivery_rows(engine)}
     assert forwarded == {"1.9"}  # the CT series; the SEG is ours and stays put
     assert [task for task, _ in sent] == ["pacs_ai.send"]
+
+
+def test_a_completion_the_node_never_planned_is_planned_by_the_reconciler(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from pacs_ai.config import load_settings
+    from pacs_ai.pipeline.assemble import Assembler
+    from pacs_ai.pipeline.dispatch import PLANNING_GRACE_S, Dispatcher
+
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text('[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n')
+    now = [100.0]
+    sent: list[tuple[str, int]] = []
+    dispatcher = Dispatcher(
+        load_settings(config), engine, lambda t, i, q, p: sent.append((t, i)), clock=lambda: now[0]
+    )
+    study_id = study_with_series(engine)
+    # The node completes the study and dies before its listener plans it.
+    (done,) = Assembler(engine, 1, [], clock=lambda: now[0]).poll()
+    assert done.study_id == study_id and jobs.job_rows(engine) == []
+
+    # A fresh completion may still be being planned: left alone.
+    dispatcher.reconcile()
+    assert jobs.job_rows(engine) == []
+
+    now[0] += PLANNING_GRACE_S + 1
+    dispatcher.reconcile()
+    (job,) = jobs.job_rows(engine)
+    assert job.state == "QUEUED" and sent == [("pacs_ai.infer", job.id)]
+    # Planned once: the next passes find nothing more to plan.
+    now[0] += PLANNING_GRACE_S + 1
+    dispatcher.reconcile()
+    assert len(jobs.job_rows(engine)) == 1
+
+    # A completion planned by its listener is never planned again by the reconciler.
+    assert index.unplanned_completions(engine, now[0] + 1000) == []
+
+
+def test_a_completion_is_planned_once_even_when_two_try(engine: Engine) -> None:
+    study_id = study_with_series(engine)
+    rules = (RuleSettings(name="fwd", forward=("pacs",)),)
+    facts = series_facts(engine, study_id)
+    specs, forwards = jobs.plan(evaluate(rules, facts), facts, rules, study_id, "PACS", 1, [PACS])
+    assert forwards
+    first = jobs.create(engine, specs, forwards, 2, 2, 10.0, completion=(study_id, 1))
+    again = jobs.create(engine, specs, forwards, 2, 2, 11.0, completion=(study_id, 1))
+    assert first[1] and again == ([], [])
+    # Without the completion guard a forward (no job, no unique key) would be added twice.
+    assert len(jobs.delivery_rows(engine)) == len(first[1])
+
+
+def test_a_job_whose_lease_runs_out_on_every_attempt_fails(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)  # max_attempts = 2
+    assert jobs.claim(engine, job_id, "w1", 60, now=100.0) is not None  # worker killed
+    again = jobs.claim(engine, job_id, "w2", 60, now=200.0)  # lease ran out: taken back
+    assert again is not None and again.attempt == 2  # killed again
+    assert jobs.claim(engine, job_id, "w3", 60, now=300.0) is None  # no third attempt
+    assert jobs.reconcile(engine, now=300.0, requeue_after_s=60).jobs == []
+    row = jobs.job_row(engine, job_id)
+    assert row is not None and row.state == "FAILED" and "lease ran out" in row.reason
+    assert jobs.retry(engine, job_id, now=301.0)  # the admin can still try again

@@ -27,6 +27,7 @@ from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.ingest import Ingest
 from pacs_ai.storage.spool import Spool
+from tests.databases import index_database
 from tests.realdata import real_file
 
 
@@ -132,12 +133,13 @@ def receiver(tmp_path: Path) -> Iterator[scp.Receiver]:
     )
     spool = Spool(tmp_path, reserve_bytes=0)
     spool.prepare()
-    engine = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-    receiver = scp.Receiver(settings, Ingest(spool, engine))
-    receiver.start()
-    yield receiver
-    receiver.stop(drain_timeout_s=2)
-    engine.dispose()
+    with index_database(tmp_path / "index.sqlite3") as url:
+        engine = open_database(url)
+        receiver = scp.Receiver(settings, Ingest(spool, engine))
+        receiver.start()
+        yield receiver
+        receiver.stop(drain_timeout_s=2)
+        engine.dispose()
 
 
 def _associate(port: int) -> Any:

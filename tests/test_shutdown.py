@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
 from tests.dicom_peer import send_until_refused
@@ -15,6 +16,27 @@ from tests.peers import NodeProcess, kill_tree, wait_for
 from tests.realdata import dataset_bytes
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def five_hundred(chest_ct: ChestTruth, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """500 instances of the chest CT study: both axial series (450) and a 50-slice thick-slab
+    series made from the lung-kernel slices, with UIDs of its own."""
+    files = [f for f in chest_ct.files if f.parent.name in ("002", "003")]
+    folder = tmp_path_factory.mktemp("slab")
+    series_uid = generate_uid(entropy_srcs=[chest_ct.study_instance_uid, "slab"])
+    lung = [f for f in files if f.parent.name == "003"]
+    for i, source in enumerate(lung[:50]):
+        ds = dcmread(source)
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 4
+        ds.SeriesDescription = "LUNG SLAB"
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
 
 
 @pytest.mark.parametrize(
@@ -25,20 +47,22 @@ pytestmark = pytest.mark.slow
 def test_stopping_or_killing_during_ingest_keeps_every_acknowledged_instance(
     node_factory: type[NodeProcess],
     tmp_path: Path,
-    chest_ct: ChestTruth,
+    five_hundred: list[Path],
     receivers: int,
     signum: signal.Signals,
 ) -> None:
     node = node_factory(
         tmp_path / "node", receivers=receivers, extra_node={"drain_timeout_s": 0.1}
     ).start()
-    # Both axial series (450 files): more than the node can take in during the short drain.
-    files = [f for f in chest_ct.files if f.parent.name in ("002", "003")]
+    # 500 instances of one study over four associations at once: more than the node can take
+    # in during the short drain.
+    files = five_hundred
+    assert len(files) == 500
     acked: list[Path] = []
     lock = threading.Lock()
     senders = [
-        threading.Thread(target=send_until_refused, args=(node.port, files[k::2], acked, lock))
-        for k in range(2)
+        threading.Thread(target=send_until_refused, args=(node.port, files[k::4], acked, lock))
+        for k in range(4)
     ]
     for t in senders:
         t.start()

@@ -26,7 +26,8 @@ ADMIN = frozenset({"admin"})
 READERS = frozenset({"admin", "radiologist"})  # the worklist and its pages
 DICOMWEB_READERS = frozenset({"admin", "radiologist", "integration"})
 DICOMWEB_WRITERS = frozenset({"admin", "integration"})
-ROLES = ("admin", "radiologist", "integration")
+WORKERS = frozenset({"admin", "worker"})  # remote workers claim jobs and hand back results
+ROLES = ("admin", "radiologist", "integration", "worker")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ SPEC = (
     Rule("GET", "/static/*", PUBLIC),
     Rule("GET", "/metrics", ADMIN),
     Rule("*", "/api/admin/*", ADMIN),
+    Rule("*", "/api/worker/*", WORKERS),
     Rule("GET", "/api/worklist", READERS),
     Rule("GET", "/api/studies/*", READERS),
     Rule("POST", "/api/studies/{study_id}/reviews", READERS),

@@ -13,7 +13,15 @@ from celery.signals import worker_process_init
 
 from pacs_ai.models.registry import register_dirs
 from pacs_ai.pipeline.deliver import run_delivery
-from pacs_ai.pipeline.infer import ModelCache, WorkerContext, resolve_device, run_job
+from pacs_ai.pipeline.infer import (
+    ModelCache,
+    RemoteWorkerContext,
+    WorkerContext,
+    resolve_device,
+    run_job,
+    worker_name,
+)
+from pacs_ai.pipeline.node_client import RemoteLink
 from pacs_ai.storage.db import open_database
 from workers.celery_app import INFER_TASK, SEND_TASK, app
 
@@ -25,12 +33,17 @@ def _send(task: str, item_id: int, queue: str, priority: int) -> None:
 
 
 @cache
-def context() -> WorkerContext:
+def context() -> WorkerContext | RemoteWorkerContext:
     from pacs_ai.config import load_settings
 
     settings = load_settings()
     register_dirs(settings.models.paths)
     device = resolve_device(settings.worker.device)
+    if settings.worker.node_url:
+        # A worker on another machine: no database, no spool, only the node's HTTP API.
+        logger.info("worker context: device %s, node %s", device, settings.worker.node_url)
+        link = RemoteLink(settings.worker.node_url, settings.worker.token, worker_name())
+        return RemoteWorkerContext(settings=settings, models=ModelCache(device), link=link)
     logger.info(
         "worker context: device %s, database %s", device, settings.database_url.split("@")[-1]
     )
@@ -57,4 +70,9 @@ def infer(job_id: int) -> str:
 
 @app.task(name=SEND_TASK)  # type: ignore[untyped-decorator]
 def send(delivery_id: int) -> str:
-    return run_delivery(context(), delivery_id)
+    ctx = context()
+    if not isinstance(ctx, WorkerContext):
+        # Settings refuse the send queue with node_url set; a message routed here by hand
+        # goes back to the broker for a worker on the node's machine.
+        raise RuntimeError("a remote worker cannot deliver: it has none of the node's files")
+    return run_delivery(ctx, delivery_id)

@@ -252,7 +252,8 @@ def deliveries_list(
         dump(rows)
         return
     table = Table(title=f"{len(rows)} deliveries")
-    for name in ("id", "job", "kind", "peer", "state", "attempts", "last error", "updated"):
+    columns = ("id", "job", "kind", "peer", "state", "attempts", "commitment", "last error")
+    for name in (*columns, "updated"):
         table.add_column(name)
     for r in rows:
         table.add_row(
@@ -262,10 +263,23 @@ def deliveries_list(
             r["peer"],
             r["state"],
             f"{r['attempts']}/{r['max_attempts']}",
-            r["last_error"],
+            _commitment(r),
+            r["last_error"] or r.get("commitment_error", ""),
             when(r["updated_at"]),
         )
     out.print(table)
+
+
+def _commitment(row: dict[str, Any]) -> str:
+    """The storage commitment in a word or two: "-" where none was asked for."""
+    state = row.get("commitment") or ""
+    if not state:
+        return "-"
+    if state == "COMMITTED":
+        return f"COMMITTED {when(row['committed_at'])}"
+    if state == "REQUESTED" and row.get("commitment_requests"):
+        return f"REQUESTED ({row['commitment_requests']}x)"
+    return str(state)
 
 
 @deliveries_app.command("retry")

@@ -39,6 +39,12 @@ STORAGE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 
+# Storage Commitment Push Model (PS3.4 Annex J): the node requests commitment as SCU and takes
+# the peer's reports on its listener, where the peer is requestor in the SCP role.
+STORAGE_COMMITMENT_PUSH_MODEL = UID("1.2.840.10008.1.20.1")
+COMMITMENT_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
 def storage_sop_classes() -> list[UID]:
     """Every standard storage SOP class pynetdicom knows (PS3.4 Annex B.5)."""
     return [UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax]

@@ -1,4 +1,5 @@
-"""The DICOM listener: C-ECHO and C-STORE SCP on pynetdicom.
+"""The DICOM listener: C-ECHO and C-STORE SCP on pynetdicom, and the storage commitment
+reports (N-EVENT-REPORT) peers send back on associations of their own.
 
 Handlers get their dependencies bound (``evt_handlers`` with args); nothing here keeps
 module state. Every failure inside a handler becomes a DIMSE status and a log line: a bad
@@ -25,11 +26,18 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs_ai.audit.events import AuditEvent, Kind, Outcome
 from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
-from pacs_ai.dicom.contexts import STORAGE_TRANSFER_SYNTAXES, storage_sop_classes
+from pacs_ai.dicom import commitment
+from pacs_ai.dicom.contexts import (
+    COMMITMENT_TRANSFER_SYNTAXES,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    STORAGE_TRANSFER_SYNTAXES,
+    storage_sop_classes,
+)
 from pacs_ai.dicom.fastpath import MAX_PDU_BYTES, close_sockets_fully, on_conn_open
 from pacs_ai.dicom.part10 import part10_bytes
 from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.dicom.tls import server_context
+from pacs_ai.storage import commitments
 from pacs_ai.storage.ingest import Ingest
 
 logger = logging.getLogger(__name__)
@@ -38,6 +46,9 @@ logger = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
+
+# What a peer that only reports storage commitment may use.
+REPORT_CONTEXTS = frozenset({STORAGE_COMMITMENT_PUSH_MODEL, Verification})
 
 
 class NodeServer(ThreadedAssociationServer):
@@ -111,6 +122,14 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification)
     for sop_class in storage_sop_classes():
         ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+    # A peer reporting storage commitment calls us in the SCP role of that SOP class (PS3.4
+    # J.3.3), proposing role selection (Orthanc: SCU no, SCP yes); accept exactly that.
+    ae.add_supported_context(
+        STORAGE_COMMITMENT_PUSH_MODEL,
+        list(COMMITMENT_TRANSFER_SYNTAXES),
+        scu_role=False,
+        scp_role=True,
+    )
     return ae
 
 
@@ -132,17 +151,25 @@ def _on_requested(event: Any, gate: _Gate) -> None:
     address = requestor.address
     node = gate.settings.node
     reason, rsd = None, None
+    # A peer known only as one we ask for storage commitment may report it, nothing more.
+    reports_only = False
     if node.check_called_ae and called != node.ae_title:
         reason, rsd = f"called AE {called!r} is not {node.ae_title!r}", REJECT_CALLED_AE
     elif node.require_known_peers and not _is_known_sender(gate.settings, calling, address):
-        reason, rsd = (
-            "calling AE and host are not a configured peer with send = true",
-            REJECT_CALLING_AE,
-        )
-    elif not gate.ingest.spool.has_room():
+        if _is_commitment_peer(gate.settings, calling, address):
+            reports_only = True
+        else:
+            reason, rsd = (
+                "calling AE and host are not a configured peer with send = true",
+                REJECT_CALLING_AE,
+            )
+    # Reports need no spool room, and with retention.require_commitment they are what lets
+    # a purge free some: a full disk must not refuse them.
+    reports = _proposes_only(assoc, REPORT_CONTEXTS)
+    if rsd is None and not reports and not gate.ingest.spool.has_room():
         reason, rsd = "free disk is below the reserve", REJECT_CONGESTION
     if rsd is None:
-        _prefer_requestor_order(assoc)
+        _prefer_requestor_order(assoc, REPORT_CONTEXTS if reports_only else None)
         logger.info("association from %s@%s accepted", calling, address)
         return
     logger.warning("association from %s@%s rejected: %s", calling, address, reason)
@@ -162,15 +189,24 @@ def _on_requested(event: Any, gate: _Gate) -> None:
     assoc.kill()
 
 
-def _prefer_requestor_order(assoc: Any) -> None:
+def _proposes_only(assoc: Any, abstract_syntaxes: frozenset[str]) -> bool:
+    return all(cx.abstract_syntax in abstract_syntaxes for cx in assoc.requestor.requested_contexts)
+
+
+def _prefer_requestor_order(assoc: Any, allowed: frozenset[str] | None = None) -> None:
     """Accept, in each context, the first transfer syntax the *sender* proposed that we take.
 
     pynetdicom picks by the acceptor's order, so a modality offering [JPEG, Explicit LE] for a
     JPEG file would be told Explicit LE and have to decompress (dcmtk's storescu then fails).
     The sender lists its preference first, usually the syntax its data is in: taking that
     keeps the bytes as they are, and never asks a sender to compress what it holds natively.
+    With ``allowed``, only those abstract syntaxes are accepted at all.
     """
-    supported = {cx.abstract_syntax: cx for cx in assoc.acceptor.supported_contexts}
+    supported = {
+        cx.abstract_syntax: cx
+        for cx in assoc.acceptor.supported_contexts
+        if allowed is None or cx.abstract_syntax in allowed
+    }
     order: dict[str, list[str]] = {}
     for requested in assoc.requestor.requested_contexts:
         ours = supported.get(requested.abstract_syntax)
@@ -200,6 +236,13 @@ def _is_known_sender(settings: Settings, calling_ae: str, address: str) -> bool:
     return False
 
 
+def _is_commitment_peer(settings: Settings, calling_ae: str, address: str) -> bool:
+    return any(
+        peer.storage_commitment and _same_host(peer.host, address)
+        for peer in settings.peers_with_ae(calling_ae)
+    )
+
+
 def _same_host(configured: str, address: str) -> bool:
     if configured == address:
         return True
@@ -212,6 +255,13 @@ def _same_host(configured: str, address: str) -> bool:
 
 def _on_echo(event: Any) -> int:
     return 0x0000
+
+
+def _on_event_report(event: Any, ingest: Ingest) -> tuple[int, Dataset | None]:
+    # A storage commitment report for a request a worker made (pacs_ai/pipeline/deliver.py).
+    return commitment.handle_event_report(
+        event, lambda report: commitments.record_report(ingest.engine, report, ingest.clock())
+    )
 
 
 def _on_store(event: Any, ingest: Ingest) -> Dataset | int:
@@ -314,6 +364,7 @@ class Receiver:
             (evt.EVT_REQUESTED, _on_requested, [gate]),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_STORE, _on_store, [self.ingest]),
+            (evt.EVT_N_EVENT_REPORT, _on_event_report, [self.ingest]),
             (evt.EVT_ABORTED, _on_aborted),
         ]
         node = self.settings.node

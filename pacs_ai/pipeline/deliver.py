@@ -4,6 +4,11 @@ A failure puts the delivery back to PENDING with a later ``next_attempt_at`` (ex
 backoff); the reconciler enqueues it when due. After ``delivery.max_attempts`` it is FAILED,
 visible in ``pacs-ai deliveries list`` with the last error, and ``deliveries retry`` revives it.
 One peer being down delays only its own deliveries.
+
+To a peer with ``storage_commitment = true``, a delivery that is DONE then asks the peer to
+commit to what it stored (:mod:`pacs_ai.storage.commitments`); the same task, sent again by
+the reconciler for a DONE delivery, asks again when no report came. A commitment that fails
+never undoes the delivery: it only keeps the study's sources (``retention.require_commitment``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from sqlalchemy import select
 
 from pacs_ai.audit.events import AuditEvent, Kind, Outcome
 from pacs_ai.config import PeerSettings
-from pacs_ai.dicom import scu
+from pacs_ai.dicom import commitment, scu
 from pacs_ai.dicom.status import describe
 from pacs_ai.dicom.tls import for_peer
 from pacs_ai.dicomweb.client import stow
@@ -23,6 +28,7 @@ from pacs_ai.errors import PacsAiError
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import WorkerContext
 from pacs_ai.pipeline.jobs import ClaimedDelivery
+from pacs_ai.storage import commitments
 from pacs_ai.storage.schema import SOURCE, instances, series, studies
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,14 @@ def _files(ctx: WorkerContext, delivery: ClaimedDelivery) -> list[Path]:
 def _c_store(ctx: WorkerContext, peer: PeerSettings, paths: list[Path]) -> str:
     report = scu.SendReport()
     files = scu.scan(paths, report)
+    if report.skipped:
+        # Every file of a delivery is a stored instance or result: one that is missing or
+        # unreadable must fail the delivery, not make a partial one look DONE.
+        path, reason = report.skipped[0]
+        return (
+            f"{len(report.skipped)} of {len(paths)} file(s) cannot be read, nothing sent "
+            f"(first: {path.name}: {reason})"
+        )
     scu.send(
         files,
         peer,
@@ -99,12 +113,45 @@ def _audit(
     )
 
 
+def request_commitment(ctx: WorkerContext, delivery_id: int) -> str:
+    """Ask the peer to commit to a DONE delivery, if a request is due; say what happened."""
+    request = commitments.claim_request(ctx.engine, delivery_id, ctx.clock(), ctx.settings.peer)
+    if isinstance(request, str):
+        return request
+    peer = ctx.settings.peer(request.peer)
+    assert peer is not None  # claim_request gives up on a peer that is gone
+    try:
+        commitment.request(
+            peer,
+            ctx.settings.node.ae_title,
+            request.transaction_uid,
+            request.references,
+            lambda report: commitments.record_report(ctx.engine, report, ctx.clock()),
+            timeout_s=ctx.settings.delivery.timeout_s,
+            tls=for_peer(ctx.settings.tls, peer),
+        )
+    except (PacsAiError, OSError, ValueError) as exc:
+        commitments.request_failed(ctx.engine, request, str(exc))
+        return "COMMITMENT_REQUEST_FAILED"
+    logger.info(
+        "delivery %d: storage commitment requested from %s (%d instances, transaction %s)",
+        delivery_id,
+        peer.name,
+        len(request.references),
+        request.transaction_uid,
+    )
+    return "COMMITMENT_REQUESTED"
+
+
 def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
     delivery = jobs.claim_delivery(ctx.engine, delivery_id, ctx.clock())
     if delivery is None:
-        return "NOT_CLAIMED"
+        # Not PENDING: a DONE delivery comes back here when its commitment is due again.
+        outcome = request_commitment(ctx, delivery_id)
+        return "NOT_CLAIMED" if outcome == commitments.NOT_DUE else outcome
     peer = ctx.settings.peer(delivery.peer)
     error = ""
+    paths: list[Path] = []
     if peer is None:
         error = f"peer {delivery.peer!r} is no longer configured"
     else:
@@ -122,8 +169,15 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
             error = f"{type(exc).__name__}: {exc}"
     _audit(ctx, delivery, peer, error)
     if not error:
+        if peer is not None and peer.storage_commitment:
+            # Recorded before DONE: a DONE delivery to such a peer always has its commitment.
+            refs = commitment.references(paths)
+            timeout = peer.commitment_timeout_s
+            commitments.prepare(ctx.engine, delivery_id, refs, ctx.clock(), timeout)
         jobs.delivered(ctx.engine, delivery, ctx.clock())
         logger.info("delivery %d (%s) to %s DONE", delivery_id, delivery.kind, delivery.peer)
+        if peer is not None and peer.storage_commitment:
+            request_commitment(ctx, delivery_id)
         return "DONE"
     delay = jobs.delivery_failed(
         ctx.engine, delivery, error, ctx.clock(), ctx.settings.delivery.backoff_s

@@ -23,10 +23,15 @@ from pacs_ai.pipeline.facts import series_facts
 from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
 from pacs_ai.pipeline.route import Priority, evaluate
 from pacs_ai.results.uids import MANUFACTURER
+from pacs_ai.storage import index
 from pacs_ai.worklist.priority import refresh as refresh_worklist
 
 logger = logging.getLogger(__name__)
 
+
+# How long after a completion the reconciler takes it for lost, if still unplanned: planning
+# takes well under a second, and planning twice only costs a second look.
+PLANNING_GRACE_S = 30.0
 
 SendTask = Callable[[str, int, str, int], None]
 """(task name, id, queue, priority) -> None; raises if the broker cannot take it."""
@@ -55,6 +60,7 @@ class Dispatcher:
         decisions = evaluate(self.settings.rules, facts)
         if not decisions:
             logger.info("study %s: no rule matches; kept, nothing to run", done.study_instance_uid)
+            index.mark_planned(self.engine, done.study_id, done.completions)
             return
         job_specs, forwards = jobs.plan(
             decisions,
@@ -72,6 +78,9 @@ class Dispatcher:
             self.settings.worker.max_attempts,
             self.settings.delivery.max_attempts,
             self.clock(),
+            # Marked planned with the rows it creates: a node that dies before this commit
+            # leaves the completion unplanned, and the reconciler plans it.
+            completion=(done.study_id, done.completions),
         )
         # The worklist shows the study at its planned priority before any model has run.
         refresh_worklist(self.engine, self.settings.rules, done.study_id)
@@ -109,7 +118,21 @@ class Dispatcher:
         )
 
     def reconcile(self) -> jobs.Redo:
-        redo = jobs.reconcile(self.engine, self.clock(), self.settings.worker.requeue_after_s)
+        now = self.clock()
+        # A completion younger than this may still be being planned by the assembler.
+        for done in index.unplanned_completions(self.engine, now - PLANNING_GRACE_S):
+            logger.warning(
+                "reconciler: study %s completion %d was never planned (node stopped?); "
+                "planning it now",
+                done.study_instance_uid,
+                done.completions,
+            )
+            try:
+                self.on_study_complete(done)
+            except Exception:
+                # The next pass tries again; the other studies and the jobs go on.
+                logger.exception("reconciler: planning study %s failed", done.study_instance_uid)
+        redo = jobs.reconcile(self.engine, now, self.settings.worker.requeue_after_s)
         for job_id, priority in redo.jobs:
             logger.info("reconciler: re-enqueueing job %d", job_id)
             self.enqueue_job(job_id, priority)

@@ -16,31 +16,29 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from io import BytesIO
+from typing import Protocol
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
 from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
-from pacs_ai.dicom.header import read_header
-from pacs_ai.errors import NotAVolume, PacsAiError
-from pacs_ai.imaging.volume import build_volume, in_volume_order, load_series
+from pacs_ai.errors import NetworkError, NotAVolume, PacsAiError
+from pacs_ai.imaging.volume import build_volume, in_volume_order
 from pacs_ai.models.base import Model, ModelManifest, Prediction
 from pacs_ai.models.registry import create
-from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
+from pacs_ai.pipeline.link import JobLink, LeaseLost, LocalLink
 from pacs_ai.results.seg import build_seg
 from pacs_ai.results.sr import build_sr
-from pacs_ai.storage import index
-from pacs_ai.storage.schema import RUNNING, SOURCE, instances
-from pacs_ai.storage.schema import jobs as jobs_table
-from pacs_ai.storage.spool import write_durable
-from pacs_ai.worklist.priority import refresh as refresh_worklist
 
 logger = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    """How a worker process signs its claims: host and pid, unique while it lives."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Unsuitable(PacsAiError):
@@ -77,9 +75,26 @@ class ModelCache:
         return self.loaded[name]
 
 
+class JobRunner(Protocol):
+    """What :func:`run_job` needs: settings, resident models and a link to the node."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def models(self) -> ModelCache: ...
+
+    @property
+    def link(self) -> JobLink: ...
+
+
 @dataclass
 class WorkerContext:
-    """What a worker process builds once and every task uses."""
+    """What a worker process on the node's machine builds once and every task uses.
+
+    Its :class:`~pacs_ai.pipeline.link.LocalLink` reads the database and the spool; the
+    deliveries (:mod:`pacs_ai.pipeline.deliver`) use the engine directly.
+    """
 
     settings: Settings
     engine: Engine
@@ -87,19 +102,37 @@ class WorkerContext:
     enqueue_delivery: Callable[[int], None]
     enqueue_job_retry: Callable[[int], None]
     clock: Callable[[], float] = time.time
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    name: str = field(default_factory=worker_name)
     # Deliveries are audited; one Auditor (and syslog socket) per worker process.
     auditor: Auditor = field(init=False)
+    link: LocalLink = field(init=False)
 
     def __post_init__(self) -> None:
         self.auditor = Auditor(self.engine, self.settings, self.clock)
+        self.link = LocalLink(
+            self.settings,
+            self.engine,
+            self.name,
+            self.clock,
+            self.enqueue_delivery,
+            self.enqueue_job_retry,
+        )
+
+
+@dataclass
+class RemoteWorkerContext:
+    """A worker that shares no disk with the node: the node's HTTP API is its only way in."""
+
+    settings: Settings
+    models: ModelCache
+    link: JobLink
 
 
 class LeaseKeeper:
     """Renews a RUNNING job's lease every third of its length until the job is done."""
 
-    def __init__(self, ctx: WorkerContext, job_id: int) -> None:
-        self.ctx, self.job_id = ctx, job_id
+    def __init__(self, link: JobLink, job_id: int) -> None:
+        self.link, self.job_id = link, job_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -112,33 +145,20 @@ class LeaseKeeper:
         self.thread.join()
 
     def _run(self) -> None:
-        lease = self.ctx.settings.worker.lease_s
-        while not self.stop.wait(lease / 3):
-            with self.ctx.engine.begin() as conn:
-                conn.execute(
-                    update(jobs_table)
-                    .where(
-                        jobs_table.c.id == self.job_id,
-                        jobs_table.c.state == RUNNING,
-                        jobs_table.c.worker == self.ctx.name,
-                    )
-                    .values(lease_expires_at=self.ctx.clock() + lease)
-                )
+        while not self.stop.wait(self.link.lease_s / 3):
+            try:
+                if not self.link.renew(self.job_id):
+                    logger.warning("job %d: lease lost (taken back or canceled)", self.job_id)
+            except PacsAiError as exc:
+                # A node that does not answer for a while: the next renewal may get through,
+                # and if none does the reconciler gives the job to another worker.
+                logger.warning("job %d: lease not renewed: %s", self.job_id, exc)
 
 
-def series_paths(engine: Engine, spool_root: Path, series_id: int) -> list[Path]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(instances.c.path).where(
-                instances.c.series_id == series_id, instances.c.kind == SOURCE
-            )
-        ).scalars()
-        return [spool_root / p for p in rows]
-
-
-def run_job(ctx: WorkerContext, job_id: int) -> str:
+def run_job(ctx: JobRunner, job_id: int) -> str:
     """Run one job to ENCODED (or SKIPPED / back to QUEUED / FAILED); return the new state."""
-    job = jobs.claim(ctx.engine, job_id, ctx.name, ctx.settings.worker.lease_s, ctx.clock())
+    link = ctx.link
+    job = link.claim(job_id)
     if job is None:
         logger.info("job %d not claimable (done, canceled, or running elsewhere)", job_id)
         return "NOT_CLAIMED"
@@ -149,54 +169,31 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         job.series_instance_uid,
         job.attempt,
     )
-    with LeaseKeeper(ctx, job_id):
+    with LeaseKeeper(link, job_id):
         try:
             outputs, timings, findings = _infer(ctx, job)
         except (NotAVolume, Unsuitable) as exc:
-            jobs.skip(ctx.engine, job_id, str(exc), ctx.clock())
-            _refresh_worklist(ctx, job)
+            link.skip(job, str(exc))
             return "SKIPPED"
+        except NetworkError:
+            # The node itself is out of reach: nothing can be recorded there. The job's lease
+            # runs out and the reconciler sends it again.
+            raise
+        except LeaseLost as exc:
+            logger.warning("job %d dropped: %s", job_id, exc)
+            return "LEASE_LOST"
         except Exception as exc:
             # The task edge: any failure is recorded on the job and retried or failed there.
             logger.exception("job %d failed", job_id)
-            state = jobs.fail_attempt(
-                ctx.engine, job_id, f"{type(exc).__name__}: {exc}", ctx.clock()
-            )
-            if state == "QUEUED":
-                ctx.enqueue_job_retry(job_id)
-            else:
-                _refresh_worklist(ctx, job)
-            return state
-    delivery_ids = jobs.encoded(
-        ctx.engine,
-        job_id,
-        outputs,
-        job.destinations,
-        timings,
-        findings,
-        job.study_id,
-        ctx.settings.delivery.max_attempts,
-        ctx.clock(),
-    )
-    # Before the sends: the findings may make the study STAT on the worklist.
-    _refresh_worklist(ctx, job)
-    for delivery_id in delivery_ids:
-        ctx.enqueue_delivery(delivery_id)
+            return link.fail(job, f"{type(exc).__name__}: {exc}")
+    count = link.encoded(job, outputs, timings, findings)
     logger.info(
         "job %d ENCODED: %s; %d deliveries",
         job_id,
         ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
-        len(delivery_ids),
+        count,
     )
     return "ENCODED"
-
-
-def _refresh_worklist(ctx: WorkerContext, job: ClaimedJob) -> None:
-    try:
-        refresh_worklist(ctx.engine, ctx.settings.rules, job.study_id)
-    except SQLAlchemyError as exc:
-        # The job's outcome is recorded; the study's next refresh catches the worklist up.
-        logger.warning("job %d: worklist of study %d not refreshed: %s", job.id, job.study_id, exc)
 
 
 def _check_suitable(manifest: ModelManifest, datasets: list[Dataset]) -> None:
@@ -211,11 +208,10 @@ def _check_suitable(manifest: ModelManifest, datasets: list[Dataset]) -> None:
         )
 
 
-def _infer(ctx: WorkerContext, job: ClaimedJob) -> tuple[list[Output], dict[str, float], str]:
+def _infer(ctx: JobRunner, job: ClaimedJob) -> tuple[list[Output], dict[str, float], str]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    paths = series_paths(ctx.engine, ctx.settings.spool_dir, job.series_id)
-    datasets = load_series(paths)
+    datasets = ctx.link.series(job)
     model = ctx.models.get(job.model)
     manifest = model.manifest
     _check_suitable(manifest, datasets)
@@ -234,43 +230,26 @@ def _infer(ctx: WorkerContext, job: ClaimedJob) -> tuple[list[Output], dict[str,
 
 
 def _encode(
-    ctx: WorkerContext,
+    ctx: JobRunner,
     job: ClaimedJob,
     sources: list[Dataset],
     prediction: Prediction,
     manifest: ModelManifest,
 ) -> list[Output]:
-    folder = Path("results") / str(job.id)
     outputs = []
     seg = None
     if prediction.labelmap.any():
         seg = build_seg(sources, prediction, manifest, job.id)
-        outputs.append(_write(ctx, job, folder / "SEG.dcm", seg, "SEG"))
+        outputs.append(ctx.link.store(job, "SEG", _encoded_bytes(seg)))
     sr = build_sr(sources, seg, prediction, manifest, job.id)
-    outputs.append(_write(ctx, job, folder / "SR.dcm", sr, "SR"))
+    outputs.append(ctx.link.store(job, "SR", _encoded_bytes(sr)))
     return outputs
 
 
-def _write(ctx: WorkerContext, job: ClaimedJob, relative: Path, dataset: Any, kind: str) -> Output:
-    from io import BytesIO
-
+def _encoded_bytes(dataset: Dataset) -> bytes:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    data_dir = ctx.settings.node.data_dir
-    write_durable(data_dir / relative, data, ctx.settings.tmp_dir)
-    # Indexed as a result of the job's study, so QIDO-RS and WADO-RS serve it; a retry writes
-    # the same SOP Instance UID and finds the row already there.
-    index.record_result(
-        ctx.engine,
-        job.study_id,
-        read_header(data),
-        relative.as_posix(),
-        len(data),
-        ctx.settings.node.ae_title,
-        ctx.clock(),
-    )
-    return Output(kind, relative.as_posix(), str(dataset.SOPInstanceUID))
+    return buffer.getvalue()
 
 
 def _summary(prediction: Prediction) -> str:

@@ -24,13 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Row, and_, or_, select, update
+from sqlalchemy import Connection, Engine, Row, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pacs_ai.config import PeerSettings
 from pacs_ai.pipeline.route import Decision, Priority, RuleSettings, SeriesFacts
 from pacs_ai.storage.schema import (
     CANCELED,
+    COMMITMENT_REQUESTED,
     DELIVERED,
     DONE,
     ENCODED,
@@ -126,14 +127,29 @@ def create(
     max_attempts: int,
     delivery_attempts: int,
     now: float,
+    completion: tuple[int, int] | None = None,
 ) -> tuple[list[tuple[int, Priority]], list[int]]:
     """Insert jobs and forward deliveries once (re-planning the same completion adds nothing).
+
+    With ``completion`` = (study id, completion number), the study's completion is marked
+    planned in the same transaction, and a completion already planned creates nothing: the
+    assembler and the reconciler may both try, one of them plans. (Forwards have no job, so
+    no unique key would stop a second copy.)
 
     Returns the new jobs as (id, priority) and the new deliveries' ids.
     """
     job_ids: list[tuple[int, Priority]] = []
     delivery_ids: list[int] = []
     with engine.begin() as conn:
+        if completion is not None:
+            study_id, number = completion
+            first = conn.execute(
+                update(studies)
+                .where(studies.c.id == study_id, studies.c.planned_completions < number)
+                .values(planned_completions=number)
+            ).rowcount
+            if not first:
+                return [], []
         insert = _insert_ignore(conn)
         for spec in job_specs:
             row = conn.execute(
@@ -236,7 +252,13 @@ def claim(
                 jobs.c.id == job_id,
                 or_(
                     jobs.c.state == QUEUED,
-                    and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
+                    # A job whose every attempt ended with its lease running out is not
+                    # taken again: the reconciler fails it (expire_exhausted).
+                    and_(
+                        jobs.c.state == RUNNING,
+                        jobs.c.lease_expires_at < now,
+                        jobs.c.attempts < jobs.c.max_attempts,
+                    ),
                 ),
             )
             .values(
@@ -247,31 +269,47 @@ def claim(
                 worker=worker,
                 updated_at=now,
             )
-            .returning(jobs.c.attempts)
+            .returning(jobs.c.id)
         ).first()
         if claimed is None:
             return None
-        row = conn.execute(
-            select(
-                jobs.c.model,
-                jobs.c.destinations,
-                jobs.c.priority,
-                jobs.c.series_id,
-                jobs.c.study_id,
-                series.c.series_instance_uid,
-                studies.c.study_instance_uid,
+        return _claimed(conn, jobs.c.id == job_id)
+
+
+def held(engine: Engine, job_id: int, worker: str) -> ClaimedJob | None:
+    """The job if it is RUNNING under ``worker`` (a worker's later calls about its claim)."""
+    with engine.connect() as conn:
+        return _claimed(
+            conn, and_(jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.worker == worker)
+        )
+
+
+def _claimed(conn: Connection, where: Any) -> ClaimedJob | None:
+    row = conn.execute(
+        select(
+            jobs.c.id,
+            jobs.c.model,
+            jobs.c.attempts,
+            jobs.c.destinations,
+            jobs.c.priority,
+            jobs.c.series_id,
+            jobs.c.study_id,
+            series.c.series_instance_uid,
+            studies.c.study_instance_uid,
+        )
+        .select_from(
+            jobs.join(series, series.c.id == jobs.c.series_id).join(
+                studies, studies.c.id == jobs.c.study_id
             )
-            .select_from(
-                jobs.join(series, series.c.id == jobs.c.series_id).join(
-                    studies, studies.c.id == jobs.c.study_id
-                )
-            )
-            .where(jobs.c.id == job_id)
-        ).one()
+        )
+        .where(where)
+    ).first()
+    if row is None:
+        return None
     return ClaimedJob(
-        id=job_id,
+        id=row.id,
         model=row.model,
-        attempt=int(claimed.attempts),
+        attempt=int(row.attempts),
         study_instance_uid=row.study_instance_uid,
         series_instance_uid=row.series_instance_uid,
         series_id=row.series_id,
@@ -281,25 +319,37 @@ def claim(
     )
 
 
+def _held_by(worker: str | None) -> Any:
+    """No condition for ``None``; else the job must still be held by ``worker``: one whose
+    lease ran out and was taken by another worker is no longer this one's to finish."""
+    return True if worker is None else jobs.c.worker == worker
+
+
 def _move(
-    engine: Engine, job_id: int, from_states: Sequence[str], now: float, **values: Any
+    engine: Engine,
+    job_id: int,
+    from_states: Sequence[str],
+    now: float,
+    worker: str | None = None,
+    **values: Any,
 ) -> bool:
     with engine.begin() as conn:
         result = conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state.in_(list(from_states)))
+            .where(jobs.c.id == job_id, jobs.c.state.in_(list(from_states)), _held_by(worker))
             .values(updated_at=now, **values)
         )
     return bool(result.rowcount)
 
 
-def skip(engine: Engine, job_id: int, reason: str, now: float) -> bool:
+def skip(engine: Engine, job_id: int, reason: str, now: float, worker: str | None = None) -> bool:
     logger.info("job %d SKIPPED: %s", job_id, reason)
     return _move(
         engine,
         job_id,
         [RUNNING],
         now,
+        worker,
         state=SKIPPED,
         reason=reason[:1024],
         finished_at=now,
@@ -307,16 +357,21 @@ def skip(engine: Engine, job_id: int, reason: str, now: float) -> bool:
     )
 
 
-def fail_attempt(engine: Engine, job_id: int, reason: str, now: float) -> str:
-    """Record a failed attempt: QUEUED again while attempts remain, else FAILED; say which."""
+def fail_attempt(
+    engine: Engine, job_id: int, reason: str, now: float, worker: str | None = None
+) -> str:
+    """Record a failed attempt: QUEUED again while attempts remain, else FAILED; say which.
+
+    ``NOT_HELD`` if the job is no longer RUNNING (under ``worker``, when given).
+    """
     with engine.begin() as conn:
         row = conn.execute(
             select(jobs.c.attempts, jobs.c.max_attempts).where(jobs.c.id == job_id)
         ).one()
         state = QUEUED if row.attempts < row.max_attempts else FAILED
-        conn.execute(
+        moved = conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == RUNNING)
+            .where(jobs.c.id == job_id, jobs.c.state == RUNNING, _held_by(worker))
             .values(
                 state=state,
                 reason=reason[:1024],
@@ -324,7 +379,9 @@ def fail_attempt(engine: Engine, job_id: int, reason: str, now: float) -> str:
                 lease_expires_at=None,
                 finished_at=now if state == FAILED else None,
             )
-        )
+        ).rowcount
+    if not moved:
+        return "NOT_HELD"
     logger.warning("job %d attempt %d failed (%s): now %s", job_id, row.attempts, reason, state)
     return state
 
@@ -346,6 +403,7 @@ def encoded(
     study_id: int,
     delivery_attempts: int,
     now: float,
+    worker: str | None = None,
 ) -> list[int]:
     """RUNNING → ENCODED with one PENDING delivery per (destination, output); returns their ids.
 
@@ -354,7 +412,7 @@ def encoded(
     with engine.begin() as conn:
         moved = conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == RUNNING)
+            .where(jobs.c.id == job_id, jobs.c.state == RUNNING, _held_by(worker))
             .values(
                 state=ENCODED if destinations else DELIVERED,
                 reason="" if destinations else "no destination: results kept on the node",
@@ -536,13 +594,48 @@ class Redo:
     deliveries: list[int]
 
 
+def expire_exhausted(engine: Engine, now: float) -> list[int]:
+    """FAIL the RUNNING jobs whose lease ran out on their last attempt; return their ids.
+
+    A worker killed mid-job, or one that cannot reach the node to record its outcome, leaves
+    the job RUNNING until its lease runs out; each new claim counts an attempt. Without this
+    a job that kills its worker every time would be retried for ever.
+    """
+    with engine.begin() as conn:
+        rows = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.state == RUNNING,
+                jobs.c.lease_expires_at < now,
+                jobs.c.attempts >= jobs.c.max_attempts,
+            )
+            .values(
+                state=FAILED,
+                reason="the lease ran out on every attempt (worker killed, or the node out of "
+                "its reach); see the workers' logs",
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+            )
+            .returning(jobs.c.id)
+        ).all()
+    for row in rows:
+        logger.warning("job %d FAILED: its lease ran out on its last attempt", row.id)
+    return [int(r.id) for r in rows]
+
+
 def reconcile(engine: Engine, now: float, requeue_after_s: float) -> Redo:
-    """What to (re-)enqueue: lost QUEUED jobs, expired leases, and due PENDING deliveries.
+    """What to (re-)enqueue: lost QUEUED jobs, expired leases, and due deliveries.
+
+    A delivery is due when PENDING past its ``next_attempt_at``, or DONE with a storage
+    commitment still REQUESTED past it (the worker then asks the peer again).
 
     A QUEUED job enqueued more than ``requeue_after_s`` ago (or never) is sent again: the
     message may have died with a Redis that lost its data. Sending twice is harmless, since
-    only one claim can succeed. A RUNNING job whose lease expired is requeued the same way.
+    only one claim can succeed. A RUNNING job whose lease expired is requeued the same way,
+    unless that was its last attempt: then it is FAILED.
     """
+    expire_exhausted(engine, now)
     with engine.connect() as conn:
         job_rows = conn.execute(
             select(jobs.c.id, jobs.c.priority).where(
@@ -560,7 +653,14 @@ def reconcile(engine: Engine, now: float, requeue_after_s: float) -> Redo:
         ).all()
         delivery_rows = conn.execute(
             select(deliveries.c.id).where(
-                deliveries.c.state == PENDING,
+                or_(
+                    deliveries.c.state == PENDING,
+                    # A storage commitment still unanswered is asked for again when due
+                    # (pacs_ai/storage/commitments.py).
+                    and_(
+                        deliveries.c.state == DONE, deliveries.c.commitment == COMMITMENT_REQUESTED
+                    ),
+                ),
                 or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= now),
             )
         ).all()

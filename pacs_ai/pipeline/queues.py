@@ -6,6 +6,11 @@ by :mod:`workers.celery_app` (to run the tasks).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 from celery import Celery
 
 from pacs_ai.config import Settings
@@ -18,6 +23,9 @@ QUEUES = ("infer", "send")
 # "infer<sep><step>" for the others (kombu.transport.redis.Channel._q_for_pri).
 PRIORITY_STEPS = tuple(range(10))
 PRIORITY_SEP = ":"
+# The remote-control command each pacs-ai worker answers with everything `pacs-ai status`
+# shows of it, in one round trip (see register_control_commands).
+REPORT_COMMAND = "pacs_ai_worker"
 
 
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
@@ -52,6 +60,8 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
             "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
+        # What a worker reports of itself to `pacs-ai status` (REPORT_COMMAND).
+        pacs_ai_device=settings.worker.device,
         # The two queues are created on first use (task_create_missing_queues): "infer" for
         # GPU workers, "send" for I/O, so a slow PACS never holds a GPU.
         task_routes={INFER_TASK: {"queue": "infer"}, SEND_TASK: {"queue": "send"}},
@@ -62,7 +72,34 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
+    register_control_commands()
     return app
+
+
+def register_control_commands() -> None:
+    """Teach this process's Celery workers :data:`REPORT_COMMAND` (idempotent).
+
+    Celery keeps remote-control commands in one registry per process; every ``pacs-ai
+    worker`` builds its app with :func:`create_app`, so each of them answers it.
+    """
+    from celery.worker.control import inspect_command
+
+    inspect_command(name=REPORT_COMMAND)(_report_command)
+
+
+def _report_command(state: Any) -> dict[str, Any]:
+    # Celery's own inspect commands (stats, active_queues, active) in one answer, so that
+    # `pacs-ai status` needs one round trip; plus the configured device. Runs in the worker's
+    # main process between two broker events: nothing slow here (resolving "auto" would
+    # import torch; the pool's children do that).
+    from celery.worker import control
+
+    return {
+        "stats": control.stats(state),
+        "active_queues": control.active_queues(state),
+        "active": control.active(state),
+        "device": state.consumer.app.conf.get("pacs_ai_device"),
+    }
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -107,3 +144,170 @@ def queue_depths(broker_url: str, timeout_s: float = 2.0) -> dict[str, int]:
         return {queue: sum(next(lengths) for _ in queue_keys(queue)) for queue in QUEUES}
     finally:
         client.close()
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (in the authority or a ``password=`` parameter) as ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        credentials, _, host = netloc.rpartition("@")
+        user = credentials.split(":", 1)[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if "password=" in query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*/")
+    masked = urlunsplit(parts._replace(netloc=netloc, query=query))
+    if url.startswith(f"{parts.scheme}://") and not masked.startswith(f"{parts.scheme}://"):
+        # A socket path (redis+socket:///run/redis.sock): urlunsplit drops the empty "//".
+        masked = f"{parts.scheme}://{masked.removeprefix(parts.scheme + ':')}"
+    return masked
+
+
+# --- workers, through Celery's remote control ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActiveTask:
+    """A task a worker runs now: ``item_id`` is the job's or the delivery's id."""
+
+    task: str
+    item_id: int | None
+    started_at: float | None  # UNIX seconds on the worker's clock
+
+    def as_json(self) -> dict[str, Any]:
+        return {"task": self.task, "id": self.item_id, "started_at": self.started_at}
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One Celery worker as it answered; None where it did not answer that question.
+
+    ``processed`` counts the tasks it has taken since it started (running, done or failed),
+    ``concurrency`` its pool's processes, ``device`` the configured one (``auto`` unresolved).
+    """
+
+    name: str
+    pid: int | None
+    queues: tuple[str, ...] | None
+    concurrency: int | None
+    device: str | None
+    active: tuple[ActiveTask, ...] | None
+    processed: int | None
+    uptime_s: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "queues": None if self.queues is None else list(self.queues),
+            "concurrency": self.concurrency,
+            "device": self.device,
+            "active": None if self.active is None else [t.as_json() for t in self.active],
+            "processed": self.processed,
+            "uptime_s": self.uptime_s,
+        }
+
+
+def broker_errors() -> tuple[type[Exception], ...]:
+    """What talking to an absent or failing broker raises (kombu wraps most of redis-py's)."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    return (OperationalError, redis.RedisError, OSError, ValueError)
+
+
+def worker_report(app_or_broker_url: Celery | str, timeout_s: float = 2.0) -> list[WorkerInfo]:
+    """The workers that answer on the broker, sorted by name, in about ``timeout_s`` at most.
+
+    One broadcast of :data:`REPORT_COMMAND` waits half the time for every worker's answer
+    (nothing says how many there are); a worker that does not know the command (not a
+    pacs-ai worker, or an older one) is asked Celery's own inspect commands in what is left.
+
+    Raises one of :func:`broker_errors` when the broker cannot be reached; the broker is
+    never retried, so that a status never hangs on it.
+    """
+    deadline = time.monotonic() + timeout_s
+    # No socket wait may outlast the whole budget (connect, publish, read).
+    wait_s = timeout_s / 2
+    if isinstance(app_or_broker_url, str):
+        # The key separator must be the workers' (create_app's), or their replies are lost.
+        url, options = app_or_broker_url, {"sep": PRIORITY_SEP}
+    else:
+        conf = app_or_broker_url.conf
+        url, options = conf.broker_url, dict(conf.broker_transport_options or {})
+    # An app of its own, closed here: a caller's app keeps its pools and retry policy.
+    app = Celery("pacs_ai_status", broker=url, set_as_current=False)
+    app.conf.broker_connection_timeout = wait_s
+    app.conf.broker_transport_options = {
+        **options,
+        "max_retries": 0,
+        "socket_connect_timeout": wait_s,
+        "socket_timeout": wait_s,
+    }
+
+    def ask(command: str, names: list[str] | None, timeout: float) -> dict[str, Any]:
+        # A fresh connection per question: kombu remembers the reply queue as declared on a
+        # channel, but deletes it after each collection, so a second question on the same
+        # channel may publish before the queue exists again and lose the reply.
+        with app.connection_for_write() as conn:
+            replies = app.control.broadcast(
+                command,
+                destination=names,
+                connection=conn,
+                reply=True,
+                timeout=timeout,
+                limit=len(names) if names else None,
+            )
+        return {name: answer for reply in replies or [] for name, answer in reply.items()}
+
+    try:
+        # Half of what is left once the app is built (imports take a while the first time).
+        reports = ask(REPORT_COMMAND, None, max(deadline - time.monotonic(), 0.1) / 2)
+        unknown = sorted(name for name, report in reports.items() if _is_error(report))
+        for command in ("active_queues", "stats", "active") if unknown else ():
+            left = deadline - time.monotonic()
+            answers = ask(command, unknown, min(left, wait_s)) if left > 0 else {}
+            for name in unknown:
+                reports[name] = {**_dict(reports[name]), command: answers.get(name)}
+    finally:
+        app.close()
+    return [_worker_info(name, _dict(reports[name])) for name in sorted(reports)]
+
+
+def _is_error(answer: Any) -> bool:
+    return isinstance(answer, dict) and "error" in answer
+
+
+def _dict(answer: Any) -> dict[str, Any]:
+    return {k: v for k, v in answer.items() if k != "error"} if isinstance(answer, dict) else {}
+
+
+def _worker_info(name: str, report: dict[str, Any]) -> WorkerInfo:
+    # Anything missing or malformed (an answer lost, another version) reads as None.
+    stats = _dict(report.get("stats"))
+    pool = _dict(stats.get("pool"))
+    totals = stats.get("total")
+    queues = report.get("active_queues")
+    active = report.get("active")
+    return WorkerInfo(
+        name=name,
+        pid=stats.get("pid"),
+        queues=tuple(sorted(q["name"] for q in queues)) if isinstance(queues, list) else None,
+        concurrency=pool.get("max-concurrency"),
+        device=report.get("device"),
+        active=tuple(_active_task(t) for t in active) if isinstance(active, list) else None,
+        processed=sum(totals.values()) if isinstance(totals, dict) else None,
+        uptime_s=stats.get("uptime"),
+    )
+
+
+def _active_task(info: dict[str, Any]) -> ActiveTask:
+    args = info.get("args") or []
+    item_id = args[0] if isinstance(args, list | tuple) and args else None
+    return ActiveTask(
+        task=str(info.get("name") or info.get("type") or "?"),
+        item_id=item_id if isinstance(item_id, int) else None,
+        started_at=info.get("time_start"),
+    )

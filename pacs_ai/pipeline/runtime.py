@@ -43,12 +43,8 @@ class AIRuntime:
         if not self.broker_url:
             self.redis = EmbeddedRedis(self.settings.node.data_dir)
             self.broker_url = self.redis.start()
-        app = create_app(self.settings, self.broker_url)
-
-        def send_task(name: str, item_id: int, queue: str, priority: int) -> None:
-            app.send_task(name, args=[item_id], queue=queue, priority=priority)
-
-        self.dispatcher = Dispatcher(self.settings, self.engine, send_task)
+        self.app = create_app(self.settings, self.broker_url)
+        self.dispatcher = Dispatcher(self.settings, self.engine, self.send_task)
         self.reconciler = threading.Thread(
             target=self.dispatcher.run_reconciler, args=(self.stop_event,), name="reconciler"
         )
@@ -56,6 +52,10 @@ class AIRuntime:
         if self.settings.worker.embedded:
             self._start_worker()
         return self.dispatcher.on_study_complete
+
+    def send_task(self, name: str, item_id: int, queue: str, priority: int) -> None:
+        """Put a job or delivery id on its queue (the dispatcher and the worker API use it)."""
+        self.app.send_task(name, args=[item_id], queue=queue, priority=priority)
 
     def _start_worker(self) -> None:
         env = {**os.environ, "PACS_AI_BROKER__URL": self.broker_url}

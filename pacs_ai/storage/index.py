@@ -625,3 +625,46 @@ def mark_complete(engine: Engine, study_id: int, cutoff: float, now: float) -> C
         completed_at=now,
         completions=int(result.completions),
     )
+
+
+def mark_planned(engine: Engine, study_id: int, completion: int) -> None:
+    """Record that ``completion`` of the study was planned (jobs and forwards created)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(studies)
+            .where(studies.c.id == study_id, studies.c.planned_completions < completion)
+            .values(planned_completions=completion)
+        )
+
+
+def unplanned_completions(engine: Engine, completed_before: float) -> list[Completion]:
+    """COMPLETE studies whose latest completion (before ``completed_before``) was never
+    planned: the node stopped between completing them and routing them."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                studies.c.id,
+                studies.c.study_instance_uid,
+                studies.c.calling_ae,
+                studies.c.series_count,
+                studies.c.instance_count,
+                studies.c.completed_at,
+                studies.c.completions,
+            ).where(
+                studies.c.state == COMPLETE,
+                studies.c.planned_completions < studies.c.completions,
+                studies.c.completed_at < completed_before,
+            )
+        ).all()
+    return [
+        Completion(
+            study_id=r.id,
+            study_instance_uid=r.study_instance_uid,
+            calling_ae=r.calling_ae,
+            series_count=r.series_count,
+            instance_count=r.instance_count,
+            completed_at=r.completed_at,
+            completions=r.completions,
+        )
+        for r in rows
+    ]

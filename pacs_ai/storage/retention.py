@@ -1,7 +1,10 @@
 """Purge source images whose results are delivered (the ``[retention]`` policy).
 
 Never before: a study is eligible only when it is COMPLETE, every job on it has ended,
-every delivery (results and forwards) is DONE, and nothing arrived for ``keep_days``. Rows
+every delivery (results and forwards) is DONE, and nothing arrived for ``keep_days``. With
+``require_commitment``, each of those deliveries for which storage commitment was requested
+(peers with ``storage_commitment = true``) must also be COMMITTED: one REQUESTED, FAILED or
+UNANSWERED keeps the study's sources (FAILED and UNANSWERED do not with ``purge_failed``). Rows
 go first, in one transaction that re-checks all of that, then the files: a crash between the
 two leaves unreferenced files, never a row pointing at nothing.
 """
@@ -23,6 +26,7 @@ from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
 from pacs_ai.storage.schema import (
     CANCELED,
+    COMMITMENT_REQUESTED,
     COMPLETE,
     DELIVERED,
     DONE,
@@ -30,6 +34,7 @@ from pacs_ai.storage.schema import (
     FAILED,
     SKIPPED,
     SOURCE,
+    UNANSWERED,
     deliveries,
     instances,
     jobs,
@@ -73,13 +78,23 @@ def _eligible(settings: Settings, now: float) -> object:
         .correlate(studies)
         .exists()
     )
-    return and_(
+    conditions = [
         studies.c.state == COMPLETE,
         studies.c.last_received_at < now - policy.keep_days * 86400,
         not_(unfinished_job),
         not_(open_delivery),
         has_sources,
-    )
+    ]
+    if policy.require_commitment:
+        waiting = [COMMITMENT_REQUESTED] + ([] if policy.purge_failed else [FAILED, UNANSWERED])
+        uncommitted = (
+            select(deliveries.c.id)
+            .where(deliveries.c.study_id == studies.c.id, deliveries.c.commitment.in_(waiting))
+            .correlate(studies)
+            .exists()
+        )
+        conditions.append(not_(uncommitted))
+    return and_(*conditions)
 
 
 def candidates(engine: Engine, settings: Settings, now: float) -> list[Purged]:

@@ -52,6 +52,10 @@ studies = Table(
     # How often the study became COMPLETE, and how often a new instance reopened it.
     Column("completions", Integer, nullable=False, default=0),
     Column("reopened", Integer, nullable=False, default=0),
+    # The completion whose jobs and forwards were last planned (pipeline/dispatch.py). Behind
+    # ``completions`` when the node died between completing a study and planning it: the
+    # reconciler then plans it.
+    Column("planned_completions", Integer, nullable=False, default=0),
     # The worklist (pacs_ai/worklist): priority from the rules and the findings, kept here so
     # the list sorts in the database; priority_rank is Priority.rank (0 = no AI planned).
     Column("priority", String(16), nullable=False, default=""),
@@ -176,8 +180,50 @@ deliveries = Table(
     Column("next_attempt_at", Float, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Storage commitment (pacs_ai/storage/commitments.py), for peers with storage_commitment:
+    # "" (not asked), REQUESTED, COMMITTED, FAILED (the peer reported failures) or UNANSWERED
+    # (no report after the last request). While REQUESTED, next_attempt_at is when the
+    # reconciler asks again.
+    Column("commitment", String(16), nullable=False, default=""),
+    # The Transaction UID of the latest request, when it went, and how many went.
+    Column("commitment_uid", String(64), nullable=False, default=""),
+    Column("commitment_requested_at", Float, nullable=True),
+    Column("commitment_requests", Integer, nullable=False, default=0),
+    Column("committed_at", Float, nullable=True),
+    # Why the commitment is not (yet) there: the peer's failure reasons, or a request error.
+    Column("commitment_error", String(1024), nullable=False, default=""),
     UniqueConstraint("job_id", "study_id", "peer", "kind", "payload", name="uq_deliveries_what"),
     Index("ix_deliveries_state", "state"),
+    # Retention asks, per study, whether any commitment is still missing.
+    Index("ix_deliveries_study_commitment", "study_id", "commitment"),
+)
+
+COMMITMENT_REQUESTED, COMMITTED, UNANSWERED = "REQUESTED", "COMMITTED", "UNANSWERED"
+COMMITMENT_STATES = ("", COMMITMENT_REQUESTED, COMMITTED, FAILED, UNANSWERED)
+
+# What a delivery's commitment covers: each SOP instance it stored on the peer, as sent.
+commitment_items = Table(
+    "commitment_items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Index("ix_commitment_items_delivery", "delivery_id"),
+)
+
+# Every N-ACTION sent: a report names its Transaction UID, which may be an earlier request's.
+commitment_transactions = Table(
+    "commitment_transactions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("transaction_uid", String(64), nullable=False, unique=True),
+    Column("requested_at", Float, nullable=False),
+    Column("answered_at", Float, nullable=True),
+    # N-EVENT-REPORT Event Type ID: 1 all committed, 2 failures exist; NULL = no report yet.
+    Column("event_type", Integer, nullable=True),
+    Index("ix_commitment_transactions_delivery", "delivery_id"),
 )
 
 

@@ -28,6 +28,7 @@ class Role(StrEnum):
     ADMIN = "admin"
     RADIOLOGIST = "radiologist"
     INTEGRATION = "integration"
+    WORKER = "worker"
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,8 @@ def rules_explain(request: Request, study_uid: str) -> list[Json]:
 @router.get("/status")
 def status(request: Request) -> Json:
     ctx = _ctx(request)
-    return admin.node_status(ctx.settings, ctx.engine)
+    # The running node's own broker (an embedded one's socket, or the configured URL).
+    return admin.node_status(ctx.settings, ctx.engine, ctx.broker_url or None)
 
 
 @router.get("/tokens")

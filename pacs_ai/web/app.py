@@ -14,7 +14,7 @@ from pacs_ai import __version__
 from pacs_ai.audit.events import AuditEvent
 from pacs_ai.audit.http import classify
 from pacs_ai.audit.trail import Auditor
-from pacs_ai.web import admin_api, health, metrics, pages, worklist_api
+from pacs_ai.web import admin_api, health, metrics, pages, worker_api, worklist_api
 from pacs_ai.web.auth import FailureLimiter
 from pacs_ai.web.context import WebContext
 from pacs_ai.web.dicomweb import router as dicomweb_router
@@ -86,5 +86,6 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.include_router(dicomweb_router, prefix="/dicomweb")
     app.include_router(worklist_api.router, prefix="/api")
     app.include_router(admin_api.router, prefix="/api/admin")
+    app.include_router(worker_api.router, prefix="/api/worker")
     app.include_router(pages.router)
     return app

@@ -30,12 +30,16 @@ class Permission(StrEnum):
     DICOMWEB_READ = "dicomweb-read"  # QIDO-RS, WADO-RS
     DICOMWEB_WRITE = "dicomweb-write"  # STOW-RS
     ADMIN = "admin"  # jobs, deliveries, rules, tokens, metrics
+    WORK = "work"  # claim jobs and hand back their results (remote workers)
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
     Role.RADIOLOGIST: frozenset({Permission.WORKLIST, Permission.REVIEW, Permission.DICOMWEB_READ}),
     Role.INTEGRATION: frozenset({Permission.DICOMWEB_READ, Permission.DICOMWEB_WRITE}),
+    # A remote worker reads and writes only through the worker API: the series of a job it
+    # holds, and nothing but that job's own SEG and SR.
+    Role.WORKER: frozenset({Permission.WORK}),
 }
 
 

@@ -28,5 +28,8 @@ class WebContext:
     readiness: Callable[[], dict[str, bool]] = field(default=_always_ready)
     # The Celery broker URL once known (the embedded Redis starts with the node).
     broker_url: str = ""
+    # Puts a task on the broker: (task name, job or delivery id, queue, priority). None when
+    # the node runs no AI path; the worker API needs it to enqueue deliveries and retries.
+    send_task: Callable[[str, int, str, int], None] | None = None
     # The node's auditor; None makes the app build its own (tests, tools).
     auditor: Auditor | None = None

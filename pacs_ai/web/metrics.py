@@ -31,6 +31,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from pacs_ai import __version__
+from pacs_ai.pipeline.queues import QUEUES, WorkerInfo, broker_errors, worker_report
 from pacs_ai.storage import stats
 from pacs_ai.storage.schema import DELIVERY_STATES, STUDY_STATES
 from pacs_ai.web.auth import Permission, requires
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 CACHE_S = 5.0
+# How long a reading may wait for the workers' answers (as long as `pacs-ai status`).
+WORKERS_TIMEOUT_S = 2.0
 # Seconds: from a queue wait of milliseconds to a long inference or a slow PACS.
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 STAGES = stats.STUDY_STAGES + stats.JOB_STAGES
@@ -105,6 +108,7 @@ class Reading:
     counts: stats.Counts
     quarantined: int
     queues: dict[str, int] | None  # None: no broker, or it did not answer
+    workers: list[WorkerInfo] | None  # None: as queues
     histograms: HistogramMetricFamily
 
 
@@ -137,10 +141,12 @@ class NodeCollector(Collector):
         engine = self.ctx.engine
         counts = stats.counts(engine)
         self.histograms.feed(stats.finished_since(engine, self.histograms.since()))
+        queues = self._queues()
         return Reading(
             counts,
             self.ctx.ingest.spool.quarantine_count(),
-            self._queues(),
+            queues,
+            self._workers() if queues is not None else None,
             self.histograms.family(),
         )
 
@@ -155,6 +161,13 @@ class NodeCollector(Collector):
             return queue_depths(self.ctx.broker_url)
         except (redis.RedisError, ValueError) as exc:
             logger.warning("queue depths unavailable: %s", exc)
+            return None
+
+    def _workers(self) -> list[WorkerInfo] | None:
+        try:
+            return worker_report(self.ctx.broker_url, WORKERS_TIMEOUT_S)
+        except broker_errors() as exc:
+            logger.warning("workers unknown: %s", exc)
             return None
 
     def collect(self) -> Iterator[Metric]:
@@ -206,6 +219,21 @@ class NodeCollector(Collector):
             for queue, n in r.queues.items():
                 depth.add_metric([queue], n)
             yield depth
+        if r.workers is not None:
+            yield GaugeMetricFamily(
+                "pacs_ai_workers", "Celery workers answering on the broker.", len(r.workers)
+            )
+            # Alert on depth > 0 with 0 consumers: those messages wait for ever.
+            consumers = GaugeMetricFamily(
+                "pacs_ai_queue_consumers",
+                "Answering workers that consume a queue.",
+                labels=["queue"],
+            )
+            for queue in QUEUES:
+                consumers.add_metric(
+                    [queue], sum(1 for w in r.workers if w.queues and queue in w.queues)
+                )
+            yield consumers
         yield r.histograms
 
 

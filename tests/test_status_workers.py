@@ -1,0 +1,238 @@
+"""``pacs-ai status`` shows the broker, the queue depths and the Celery workers, read from a
+real redis-server and real ``pacs-ai worker`` processes, locally and over the admin API; and
+it answers within its time bound when the broker is down or does not answer."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pacs_ai.admin import LocalAdmin, broker_status, node_broker_url
+from pacs_ai.broker import redis_server_binary
+from pacs_ai.config import load_settings
+from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app, masked_url
+from pacs_ai.storage.db import open_database
+from pacs_ai.web.metrics import NodeCollector
+from tests.peers import NodeProcess, free_port, kill_tree, wait_for
+from tests.web import web_client
+
+
+class RedisServer:
+    """A throw-away redis-server on a loopback TCP port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(self.pings, 20, "redis-server")
+
+    def pings(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+class Workers:
+    """``pacs-ai worker`` processes, each in its own process as on a GPU server."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, node: NodeProcess, queues: str) -> subprocess.Popen[bytes]:
+        log = (node.workdir / f"worker-{queues}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pacs_ai", "worker", "--config", str(node.config),
+             "--queues", queues, "--concurrency", "1", "--device", "cpu"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        self.started.append(process)
+        return process
+
+    @staticmethod
+    def stop(process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                kill_tree(process.pid)
+                process.wait()
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    found = Workers()
+    yield found
+    for process in found.started:
+        found.stop(process)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def worker_name(process: subprocess.Popen[bytes]) -> str:
+    return f"pacs-ai-{process.pid}@{socket.gethostname()}"  # as `pacs-ai worker` names it
+
+
+def answering(url: str) -> dict[str, Any]:
+    return {w["name"]: w for w in broker_status(url)["workers"]}
+
+
+@pytest.mark.slow
+def test_status_lists_workers_and_flags_a_queue_nobody_consumes(
+    tmp_path: Path, broker: RedisServer, workers: Workers
+) -> None:
+    node = NodeProcess(tmp_path / "node", extra_toml=f'[broker]\nurl = "{broker.url}"\n')
+    # The index exists before the workers' processes open it.
+    open_database(load_settings(node.config).database_url).dispose()
+    infer = workers.start(node, "infer")
+    send = workers.start(node, "send")
+    both = {worker_name(infer), worker_name(send)}
+    wait_for(lambda: set(answering(broker.url)) == both, 60, "both workers answering")
+    # One job id the worker finds nothing to do for: the task still counts as processed.
+    celery = create_app(load_settings(node.config))
+    celery.send_task(INFER_TASK, args=[424242], queue="infer", priority=5)
+    wait_for(
+        lambda: answering(broker.url)[worker_name(infer)]["processed"] == 1, 30, "one task done"
+    )
+
+    status = node.cli_json("status")
+    assert status["broker"] == {"url": broker.url, "reachable": True, "error": None}
+    assert status["queues"] == {"infer": 0, "send": 0}
+    assert status["queues_without_worker"] == []
+    by_name = {w["name"]: w for w in status["workers"]}
+    assert by_name[worker_name(infer)] == {
+        "name": worker_name(infer),
+        "pid": infer.pid,
+        "queues": ["infer"],
+        "concurrency": 1,
+        "device": "cpu",
+        "active": [],
+        "processed": 1,
+        "uptime_s": by_name[worker_name(infer)]["uptime_s"],
+    }
+    assert by_name[worker_name(send)]["queues"] == ["send"]
+    assert by_name[worker_name(send)]["processed"] == 0
+
+    # The send worker goes; deliveries pile up with nobody to take them.
+    Workers.stop(send)
+    for delivery_id in (1, 2, 3):
+        celery.send_task(SEND_TASK, args=[delivery_id], queue="send", priority=5)
+    celery.close()
+    wait_for(lambda: set(answering(broker.url)) == {worker_name(infer)}, 10, "send worker gone")
+    text = node.cli("status")
+    assert text.returncode == 1, text.stderr  # the node's listener is not running here
+    assert f"broker {broker.url}: reachable" in text.stdout
+    assert "queue infer: 0 waiting\n" in text.stdout
+    assert "queue send: 3 waiting, NO WORKER consumes it" in text.stdout
+    assert worker_name(infer) in text.stdout and worker_name(send) not in text.stdout
+    after = broker_status(broker.url)
+    assert after["queues"] == {"infer": 0, "send": 3}
+    assert after["queues_without_worker"] == ["send"]
+    # /metrics says the same, for an alert on depth > 0 with no consumer.
+    (tmp_path / "web").mkdir()
+    with web_client(tmp_path / "web") as (_client, ctx):
+        ctx.broker_url = broker.url
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(NodeCollector(ctx))
+        found = {
+            (s.name, tuple(s.labels.values())): s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+        }
+    assert found[("pacs_ai_workers", ())] == 1
+    assert found[("pacs_ai_queue_consumers", ("infer",))] == 1
+    assert found[("pacs_ai_queue_consumers", ("send",))] == 0
+    assert found[("pacs_ai_queue_depth", ("send",))] == 3
+
+    # The broker dies: status still answers, quickly, and says so.
+    broker.stop()
+    started = time.monotonic()
+    down = broker_status(broker.url)
+    assert time.monotonic() - started < 2.5
+    assert down["broker"]["reachable"] is False and down["broker"]["error"]
+    assert (down["queues"], down["workers"]) == (None, [])
+    text = node.cli("status")
+    assert "broker unreachable" in text.stdout and "Traceback" not in text.stderr
+
+
+@pytest.mark.slow
+def test_remote_status_shows_the_nodes_embedded_broker_and_worker(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "node", ai_worker=True).start()
+    try:
+        # The CLI on the node's host finds the embedded broker from the data dir alone.
+        url = node_broker_url(load_settings(node.config))
+        assert url.startswith("redis+socket://")
+        wait_for(lambda: len(answering(url)) == 1, 60, "the embedded worker answering")
+        token = node.token("admin")
+        remote = node.cli_json("status", "--url", node.url, "--token", token)
+        admin = LocalAdmin(load_settings(node.config))
+        try:
+            local = admin.status()  # what `pacs-ai status` on the node's host prints
+        finally:
+            admin.close()
+        for status in (remote, local):
+            assert status["broker"] == {"url": url, "reachable": True, "error": None}
+            assert status["queues"] == {"infer": 0, "send": 0}
+            assert status["queues_without_worker"] == []
+            (worker,) = status["workers"]
+            assert worker["queues"] == ["infer", "send"] and worker["device"] == "auto"
+        assert remote["workers"][0]["name"] == local["workers"][0]["name"]
+    finally:
+        node.stop()
+
+
+def test_a_broker_that_never_answers_is_reported_within_the_bound(tmp_path: Path) -> None:
+    # Accepts connections (the kernel's backlog) but never speaks: only timeouts end a wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        started = time.monotonic()
+        report = broker_status(url)
+        assert time.monotonic() - started < 2.5
+    assert report["broker"]["reachable"] is False
+    assert (report["queues"], report["workers"]) == (None, [])
+
+
+def test_status_json_never_shows_the_broker_password(tmp_path: Path) -> None:
+    assert masked_url("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert masked_url("rediss://ops:s3cret@redis.example:6380/1?ssl_cert_reqs=required") == (
+        "rediss://ops:***@redis.example:6380/1?ssl_cert_reqs=required"
+    )
+    assert "s3cret" not in masked_url("redis://redis.example/0?password=s3cret")
+    assert masked_url("redis+socket:///var/run/redis.sock") == "redis+socket:///var/run/redis.sock"
+    assert masked_url("unix:///run/redis.sock?password=s3cret&db=1") == (
+        "unix:///run/redis.sock?password=***&db=1"
+    )
+    # The masked URL is what the status carries, even when the broker is not there.
+    report = broker_status(f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    assert "s3cret" not in json.dumps(report)
+    assert report["broker"]["url"].startswith("redis://:***@127.0.0.1:")
