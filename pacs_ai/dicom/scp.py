@@ -164,8 +164,12 @@ def _on_requested(event: Any, gate: _Gate) -> None:
                 REJECT_CALLING_AE,
             )
     # Reports need no spool room, and with retention.require_commitment they are what lets
-    # a purge free some: a full disk must not refuse them.
-    reports = _proposes_only(assoc, REPORT_CONTEXTS)
+    # a purge free some: a full disk must not refuse them. A plain C-ECHO still is refused
+    # then, so that a sender's echo says the node is not taking images now.
+    reports = _proposes_only(assoc, REPORT_CONTEXTS) and any(
+        cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL
+        for cx in assoc.requestor.requested_contexts
+    )
     if rsd is None and not reports and not gate.ingest.spool.has_room():
         reason, rsd = "free disk is below the reserve", REJECT_CONGESTION
     if rsd is None:
