@@ -57,11 +57,15 @@ port = {free_port()}
 
 
 def test_deliveries_to_up_and_down_peers(
-    orthanc_factory: type[OrthancProcess], tmp_path: Path, database_url: str
+    orthanc_factory: type[OrthancProcess],
+    tmp_path: Path,
+    database_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     orthanc = orthanc_factory(tmp_path / "orthanc", dicomweb=True).start()
     settings = settings_for(tmp_path, orthanc, database_url)
     engine = open_database(settings.database_url)
+    request.addfinalizer(engine.dispose)
     clock = [1000.0]
     ctx = WorkerContext(
         settings,
@@ -124,11 +128,15 @@ def test_deliveries_to_up_and_down_peers(
 
 
 def test_a_forward_with_a_missing_file_fails_and_sends_nothing(
-    orthanc_factory: type[OrthancProcess], tmp_path: Path, database_url: str
+    orthanc_factory: type[OrthancProcess],
+    tmp_path: Path,
+    database_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     orthanc = orthanc_factory(tmp_path / "orthanc").start()
     settings = settings_for(tmp_path, orthanc, database_url)
     engine = open_database(settings.database_url)
+    request.addfinalizer(engine.dispose)
     ctx = WorkerContext(settings, engine, ModelCache("cpu"), lambda _: None, lambda _: None)
     # A series of two instances, one of whose files has gone from the spool.
     data = real_file("CT_small.dcm").read_bytes()
