@@ -291,3 +291,20 @@ def test_a_job_whose_lease_runs_out_on_every_attempt_fails(engine: Engine) -> No
     row = jobs.job_row(engine, job_id)
     assert row is not None and row.state == "FAILED" and "lease ran out" in row.reason
     assert jobs.retry(engine, job_id, now=301.0)  # the admin can still try again
+
+
+def test_a_send_cut_off_by_a_kill_is_sent_again(engine: Engine) -> None:
+    rules = (RuleSettings(name="fwd", forward=("pacs",)),)
+    study_id = study_with_series(engine)
+    facts = series_facts(engine, study_id)
+    _, forwards = jobs.plan(evaluate(rules, facts), facts, rules, study_id, "PACS", 1, [PACS])
+    _, (delivery_id, *_) = jobs.create(engine, [], forwards, 2, 3, 10.0)
+    assert jobs.claim_delivery(engine, delivery_id, now=100.0) is not None  # then killed
+    redo = jobs.reconcile(engine, now=150.0, requeue_after_s=600, sending_stale_s=60)
+    assert delivery_id not in redo.deliveries  # may still be sending
+    redo = jobs.reconcile(engine, now=161.0, requeue_after_s=600, sending_stale_s=60)
+    assert delivery_id in redo.deliveries
+    row = jobs.delivery_row(engine, delivery_id)
+    assert row is not None and row.state == "PENDING" and "cut off" in row.last_error
+    again = jobs.claim_delivery(engine, delivery_id, now=162.0)
+    assert again is not None and again.attempt == 2

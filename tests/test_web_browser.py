@@ -185,7 +185,9 @@ def test_radiologist_sees_stat_first_and_accepts_a_finding(
     # Two nodules in the phantom: one accepted leaves the other open.
     found = _findings(api(node, token, f"/api/studies/{stat['study_id']}"))
     expected = "accepted" if len(found) == 1 else "partial"
-    WebDriverWait(browser, 10).until(
+    # The page re-renders the state after the review: an element found a moment before may
+    # be gone (stale) when read.
+    WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
         lambda d: d.find_element(By.ID, "review-state").text == expected
     )
     history = browser.find_element(By.ID, "history").text

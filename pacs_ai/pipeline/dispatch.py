@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # takes well under a second, and planning twice only costs a second look.
 PLANNING_GRACE_S = 30.0
 
+# The least time after its claim that a SENDING delivery is taken for cut off.
+SENDING_STALE_MIN_S = 60.0
+
 SendTask = Callable[[str, int, str, int], None]
 """(task name, id, queue, priority) -> None; raises if the broker cannot take it."""
 
@@ -132,7 +135,14 @@ class Dispatcher:
             except Exception:
                 # The next pass tries again; the other studies and the jobs go on.
                 logger.exception("reconciler: planning study %s failed", done.study_instance_uid)
-        redo = jobs.reconcile(self.engine, now, self.settings.worker.requeue_after_s)
+        redo = jobs.reconcile(
+            self.engine,
+            now,
+            self.settings.worker.requeue_after_s,
+            # An attempt still SENDING this long after its claim was cut off; a slow one
+            # sent again costs a duplicate the peer ignores, a stuck one costs the result.
+            sending_stale_s=max(SENDING_STALE_MIN_S, 4 * self.settings.delivery.timeout_s),
+        )
         for job_id, priority in redo.jobs:
             logger.info("reconciler: re-enqueueing job %d", job_id)
             self.enqueue_job(job_id, priority)

@@ -624,7 +624,32 @@ def expire_exhausted(engine: Engine, now: float) -> list[int]:
     return [int(r.id) for r in rows]
 
 
-def reconcile(engine: Engine, now: float, requeue_after_s: float) -> Redo:
+def release_cut_off_sends(engine: Engine, now: float, stale_after_s: float) -> int:
+    """SENDING deliveries claimed more than ``stale_after_s`` ago back to PENDING, due now.
+
+    A worker (or the node with its embedded worker) killed in the middle of an attempt leaves
+    the delivery SENDING, and nothing would ever send it. Sending again is safe: the peer
+    stores the same SOP Instance UIDs once.
+    """
+    with engine.begin() as conn:
+        released = conn.execute(
+            update(deliveries)
+            .where(deliveries.c.state == SENDING, deliveries.c.updated_at < now - stale_after_s)
+            .values(
+                state=PENDING,
+                next_attempt_at=now,
+                updated_at=now,
+                last_error="the attempt was cut off (its worker or the node stopped while sending)",
+            )
+        ).rowcount
+    if released:
+        logger.warning("%d delivery attempt(s) cut off mid-send: sending again", released)
+    return int(released)
+
+
+def reconcile(
+    engine: Engine, now: float, requeue_after_s: float, sending_stale_s: float | None = None
+) -> Redo:
     """What to (re-)enqueue: lost QUEUED jobs, expired leases, and due deliveries.
 
     A delivery is due when PENDING past its ``next_attempt_at``, or DONE with a storage
@@ -636,6 +661,8 @@ def reconcile(engine: Engine, now: float, requeue_after_s: float) -> Redo:
     unless that was its last attempt: then it is FAILED.
     """
     expire_exhausted(engine, now)
+    if sending_stale_s is not None:
+        release_cut_off_sends(engine, now, sending_stale_s)
     with engine.connect() as conn:
         job_rows = conn.execute(
             select(jobs.c.id, jobs.c.priority).where(

@@ -68,6 +68,9 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         task_default_queue="infer",
         # CUDA must not be initialised in a forked parent: pool children are spawned.
         worker_pool_start_method="spawn",
+        # A spawned pool process imports torch and builds its context before it reports up
+        # (tasks._warm_up): seconds on a loaded machine, beyond Celery's 4 s default.
+        worker_proc_alive_timeout=60,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
