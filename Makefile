@@ -50,6 +50,7 @@ bench: install system-deps
 	$(PY) bench/ingest.py
 	$(PY) bench/latency.py
 	$(PY) bench/worklist.py
+	$(PY) bench/scale.py
 
 # The fault tests at larger counts (bench/soak.py), and the fuzzers with many examples.
 soak: install system-deps

@@ -60,7 +60,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
@@ -69,7 +68,7 @@ from tests.peers import (
     TOOL_ENV,
     NodeProcess,
     OrthancProcess,
-    free_port,
+    RedisServer,
     kill_tree,
     orthanc_as_peer,
     pacs_and_node,
@@ -161,53 +160,6 @@ def restamp(template: Template, out_dir: Path, rng: random.Random) -> str:
 
 
 # --- broker -----------------------------------------------------------------------------------
-
-
-class Redis:
-    """A throw-away ``redis-server`` on a free loopback port, no persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(self._ready, 20, f"redis-server on port {self.port}")
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
 
 
 # --- the node ---------------------------------------------------------------------------------
@@ -566,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cpus()} CPUs usable, {os.cpu_count()} on the host; device {args.device}")
     print(f"generating a {args.slices}-slice 512x512 CT series ...", flush=True)
     template = make_template(root / "template", args.slices)
-    redis = Redis(root / "redis")
+    redis = RedisServer(workdir=root / "redis")
     orthanc = OrthancProcess(root / "orthanc")
     redis.start()
     node = make_node(root / "node", orthanc, redis.url, args.model)

@@ -299,6 +299,60 @@ class OrthancProcess:
         self.log.close()
 
 
+class RedisServer:
+    """A throw-away redis-server on a loopback TCP port that keeps nothing: a restart comes
+    back empty, as a Redis does that lost its data."""
+
+    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        from pacs_ai.broker import redis_server_binary
+
+        command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                   "--save", "", "--appendonly", "no"]  # fmt: skip
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            command += ["--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        wait_for(self.pings, 20, f"redis-server on port {self.port}")
+        return self
+
+    def pings(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill does."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
 def orthanc_as_peer(orthanc: OrthancProcess) -> dict[str, Any]:
     """The [[peers]] entry by which a node knows this Orthanc (sends to it, takes from it)."""
     return {

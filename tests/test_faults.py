@@ -16,13 +16,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs_ai.broker import redis_server_binary
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
 from tests.peers import (
     DCMTK,
     TOOL_ENV,
     NodeProcess,
     OrthancProcess,
+    RedisServer,
     echoscu_ok,
     free_port,
     kill_tree,
@@ -61,39 +61,6 @@ def jobs_by_state(node: NodeProcess) -> dict[str, int]:
 # --- the broker loses everything -------------------------------------------------------------
 
 
-class RedisServer:
-    """A redis-server on a TCP port with no persistence: a restart comes back empty."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(self._pings, 20, "redis-server")
-
-    def _pings(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-
 def test_redis_lost_mid_run_loses_no_job_and_doubles_none(
     tmp_path: Path, orthanc_factory: type[OrthancProcess]
 ) -> None:
@@ -124,7 +91,7 @@ def test_redis_lost_mid_run_loses_no_job_and_doubles_none(
         wait_for(lambda: jobs_by_state(node).get("QUEUED", 0) >= 1, 120, "jobs on the queue")
         redis.kill()
         redis.start()  # back, empty: every queued message is gone
-        assert redis._pings()
+        assert redis.pings()
 
         def all_delivered() -> bool:
             return jobs_by_state(node) == {"DELIVERED": 3}

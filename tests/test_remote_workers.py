@@ -35,6 +35,7 @@ from pacs_ai.web.context import WebContext
 from tests.peers import (
     NodeProcess,
     OrthancProcess,
+    RedisServer,
     free_port,
     kill_tree,
     orthanc_as_peer,
@@ -42,7 +43,7 @@ from tests.peers import (
     wait_for,
 )
 from tests.records import plan_jobs, store_chest_ct
-from tests.test_faults import RedisServer, small_study
+from tests.test_faults import small_study
 from tests.web import served, web_client
 
 

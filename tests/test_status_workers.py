@@ -15,43 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pacs_ai.admin import LocalAdmin, broker_status, node_broker_url
-from pacs_ai.broker import redis_server_binary
 from pacs_ai.config import load_settings
 from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app, masked_url
 from pacs_ai.storage.db import open_database
 from pacs_ai.web.metrics import NodeCollector
-from tests.peers import NodeProcess, free_port, kill_tree, wait_for
+from tests.peers import NodeProcess, RedisServer, free_port, kill_tree, wait_for
 from tests.web import web_client
-
-
-class RedisServer:
-    """A throw-away redis-server on a loopback TCP port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(self.pings, 20, "redis-server")
-
-    def pings(self) -> bool:
-        try:
-            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 class Workers:
@@ -92,7 +65,7 @@ def workers() -> Iterator[Workers]:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
+    server = RedisServer(workdir=tmp_path).start()
     yield server
     server.stop()
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, or_, select, update
+from sqlalchemy import Connection, Engine, Row, and_, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pacs_ai.config import PeerSettings
@@ -322,7 +322,7 @@ def _claimed(conn: Connection, where: Any) -> ClaimedJob | None:
 def _held_by(worker: str | None) -> Any:
     """No condition for ``None``; else the job must still be held by ``worker``: one whose
     lease ran out and was taken by another worker is no longer this one's to finish."""
-    return True if worker is None else jobs.c.worker == worker
+    return true() if worker is None else jobs.c.worker == worker
 
 
 def _move(

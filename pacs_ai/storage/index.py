@@ -627,16 +627,6 @@ def mark_complete(engine: Engine, study_id: int, cutoff: float, now: float) -> C
     )
 
 
-def mark_planned(engine: Engine, study_id: int, completion: int) -> None:
-    """Record that ``completion`` of the study was planned (jobs and forwards created)."""
-    with engine.begin() as conn:
-        conn.execute(
-            update(studies)
-            .where(studies.c.id == study_id, studies.c.planned_completions < completion)
-            .values(planned_completions=completion)
-        )
-
-
 def unplanned_completions(engine: Engine, completed_before: float) -> list[Completion]:
     """COMPLETE studies whose latest completion (before ``completed_before``) was never
     planned: the node stopped between completing them and routing them."""

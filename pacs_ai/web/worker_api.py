@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
@@ -26,8 +25,11 @@ from pacs_ai.pipeline.jobs import ClaimedJob, Output
 from pacs_ai.pipeline.link import RESULT_KINDS, LocalLink, ResultRefused, result_path
 from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
 from pacs_ai.results.uids import result_uid
+from pacs_ai.storage.schema import SOURCE
 from pacs_ai.web.auth import Permission, requires
 from pacs_ai.web.context import WebContext
+from pacs_ai.web.dicomweb.files import locate
+from pacs_ai.web.dicomweb.wado import multipart_parts
 
 logger = logging.getLogger(__name__)
 
@@ -121,25 +123,20 @@ def series(
     """The job's series as the node stored it: exactly the instances a local worker reads
     (this reception's source instances), as WADO-RS multipart, file by file."""
     link = _link(request, worker)
-    paths = link.series_paths(_held(link, job_id))
+    job = _held(link, job_id)
+    items = locate(
+        link.engine,
+        link.settings,
+        job.study_instance_uid,
+        series_id=job.series_id,
+        kind=SOURCE,
+    )
     boundary = uuid.uuid4().hex
-
-    def parts() -> Iterator[bytes]:
-        for path in paths:
-            yield (
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n"
-                f"Content-Length: {path.stat().st_size}\r\n\r\n"
-            ).encode("ascii")
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    yield chunk
-            yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode("ascii")
-
+    root = f"{request.url.scheme}://{request.url.netloc}/dicomweb"
     return StreamingResponse(
-        parts(),
+        multipart_parts(items, boundary, root),
         media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
-        headers={"X-Instance-Count": str(len(paths))},
+        headers={"X-Instance-Count": str(len(items))},
     )
 
 

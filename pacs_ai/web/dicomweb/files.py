@@ -33,8 +33,14 @@ def locate(
     study: str,
     series_uid: str | None = None,
     sop: str | None = None,
+    series_id: int | None = None,
+    kind: str | None = None,
 ) -> list[StoredInstance]:
-    """The instances of a study, series or single instance, over every reception, in order."""
+    """The instances of a study, series or single instance, over every reception, in order.
+
+    ``series_id`` narrows to one reception's series row, ``kind`` to sources or results (a
+    worker's job reads exactly its own series' sources).
+    """
     query = (
         select(
             studies.c.study_instance_uid,
@@ -62,6 +68,10 @@ def locate(
         query = query.where(series.c.series_instance_uid == series_uid)
     if sop is not None:
         query = query.where(instances.c.sop_instance_uid == sop)
+    if series_id is not None:
+        query = query.where(instances.c.series_id == series_id)
+    if kind is not None:
+        query = query.where(instances.c.kind == kind)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return [

@@ -155,12 +155,13 @@ def _retrieve(
     root = service_root(request)
     logger.info("WADO-RS %d instance(s) of study %s", len(items), study)
     return StreamingResponse(
-        _parts(items, boundary, root),
+        multipart_parts(items, boundary, root),
         media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
     )
 
 
-def _parts(items: list[StoredInstance], boundary: str, root: str) -> Iterator[bytes]:
+def multipart_parts(items: list[StoredInstance], boundary: str, root: str) -> Iterator[bytes]:
+    """The body of a WADO-RS answer: each instance as stored, streamed in chunks."""
     for item in items:
         location = (
             f"{root}/studies/{item.study_instance_uid}/series/{item.series_instance_uid}"
