@@ -414,7 +414,8 @@ def run_round(
         if row[3] != "DELIVERED":
             continue
         t = json.loads(row[7])
-        encoded_at = row[5] + t["volume"] + t["inference"] + t["encode"]
+        stages = ("warm-up", "load", "volume", "inference", "encode")
+        encoded_at = row[5] + sum(t[k] for k in stages)
         job_s.append(encoded_at - row[5])
         lag_s.append(row[6] - encoded_at)
     return RoundResult(

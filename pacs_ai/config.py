@@ -57,7 +57,7 @@ class NodeSettings(_Section):
     quiet_period_s: float = Field(30.0, gt=0, le=86400)
     # Address the DICOM listener binds to; hospitals need every interface, tests use loopback.
     bind: str = "0.0.0.0"
-    # Receiver processes sharing the DICOM port (SO_REUSEPORT); 0 means one per CPU, at most 4.
+    # Receiver processes sharing the DICOM port's socket; 0 means one per CPU, at most 4.
     receivers: int = Field(0, ge=0, le=64)
     max_associations: int = Field(32, ge=1, le=1024)
     acse_timeout_s: float = Field(30.0, gt=0)

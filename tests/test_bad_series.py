@@ -6,6 +6,7 @@ calls), so the only thing missing is the broker.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,4 +98,6 @@ def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
     assert (
         done is not None and done.state == "DELIVERED"
     )  # no destination: the results stay on the node
+    # The worker's own stages: the model's load apart from reading the series.
+    assert set(json.loads(done.timings)) == {"warm-up", "load", "volume", "inference", "encode"}
     ingest.engine.dispose()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
 from tests.dicom_peer import store_all
@@ -185,7 +189,21 @@ def test_several_receiver_processes_share_one_port(
     )
     cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
     # multiprocessing also starts its resource tracker; the receivers are the spawned workers.
-    assert sum(b"spawn_main" in c for c in cmdlines) == 2, "expected two receiver processes"
+    receivers = [int(pid) for pid, c in zip(children, cmdlines, strict=True) if b"spawn_main" in c]
+    assert len(receivers) == 2, "expected two receiver processes"
+    # Associations go to the least busy receiver, not wherever a hash sends them: four opened
+    # one after another end up two and two. The port answers as soon as one receiver is up,
+    # so first wait for the node to say both are.
+    wait_for(lambda: b"receiver processes share" in node.log.read_bytes(), 30, "receivers up")
+    ae = AE(ae_title="BALANCE")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
+    try:
+        assert all(a.is_established for a in held)
+        assert sorted(_connections_held(receivers, node.port).values()) == [2, 2]
+    finally:
+        for assoc in held:
+            assoc.release()
     files = [str(f) for f in chest_ct.files if f.parent.name == "002"]
     senders = [
         __import__("subprocess").Popen(
@@ -200,6 +218,25 @@ def test_several_receiver_processes_share_one_port(
     # Every file landed once, whichever process took its association.
     assert len(list((node.data_dir / "studies").rglob("*.dcm"))) == 300  # type: ignore[operator]
     assert time.time() - float(study["last_received_at"]) >= 1.0  # type: ignore[arg-type]
+
+
+def _connections_held(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections on ``port`` each process holds (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01":  # 01: ESTABLISHED
+                inodes.add(f"socket:[{fields[9]}]")
+    held = {}
+    for pid in pids:
+        links = []
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(fd))
+        held[pid] = sum(link in inodes for link in links)
+    return held
 
 
 @pytest.mark.postgres

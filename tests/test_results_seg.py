@@ -31,7 +31,13 @@ from pacs_ai.models.base import (
 )
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from pacs_ai.results import uids
-from pacs_ai.results.seg import build_seg, segment_numbers, series_description
+from pacs_ai.results.seg import (
+    FEW_LABELS,
+    build_seg,
+    labels_present,
+    segment_numbers,
+    series_description,
+)
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 LUNG = Code("39607008", "SCT", "Lung")
@@ -243,6 +249,18 @@ def test_absent_labels_are_left_out_and_numbers_stay_contiguous(
     assert segment_numbers(bone_only, MANIFEST) == {2: 1}
     seg = roundtrip(build_seg(sources, bone_only, MANIFEST, job_id=3))
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Bone"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int64, np.bool_])
+@pytest.mark.parametrize("highest", [1, 3, FEW_LABELS, FEW_LABELS + 1, 200])
+def test_labels_present_are_the_non_zero_values(dtype: type, highest: int) -> None:
+    rng = np.random.default_rng(highest)
+    labelmap = rng.choice([0, 1, highest // 2, highest], size=(4, 8, 8)).astype(dtype)
+    if np.issubdtype(dtype, np.signedinteger):
+        labelmap[0, 0, 0] = -1
+    expected = [int(v) for v in np.unique(labelmap) if v != 0]
+    assert labels_present(labelmap) == expected
+    assert labels_present(np.zeros((0, 4, 4), dtype=dtype)) == []
 
 
 def test_bad_inputs_are_refused(sources: list[Dataset], prediction: Prediction) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from pacs_ai.phantoms.chest_ct import ChestTruth
 from tests.dicom_peer import send_until_refused
-from tests.peers import NodeProcess, kill_tree, wait_for
+from tests.peers import NodeProcess, dcmtk, kill_tree, wait_for
 from tests.realdata import dataset_bytes
 
 pytestmark = pytest.mark.slow
@@ -103,3 +104,40 @@ def test_stopping_or_killing_during_ingest_keeps_every_acknowledged_instance(
     wait_for(lambda: node.studies()[0]["state"] == "COMPLETE", 30, "completion")
     (study,) = node.studies()
     assert study["instance_count"] == len(files)
+
+
+def test_receivers_of_a_killed_node_stop_and_free_the_port(
+    node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth
+) -> None:
+    node = node_factory(tmp_path / "node", receivers=2).start()
+    assert node.process is not None
+    pid = node.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    receivers = [
+        kid for kid in children if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes()
+    ]
+    assert len(receivers) == 2
+    # Only the node itself, as the OOM killer would: no handler runs, nobody tells the
+    # receivers to stop.
+    os.kill(pid, signal.SIGKILL)
+    node.process.wait(30)
+    wait_for(lambda: not any(_alive(kid) for kid in receivers), 15, "the receivers to stop")
+    for kid in children:  # the rest of the tree (embedded worker, Redis) is not under test
+        if _alive(kid):
+            kill_tree(int(kid))
+    # The port is free again: the node starts on it and takes images.
+    node.process = None
+    node.log_file.close()
+    node.start()
+    files = [f for f in chest_ct.files if f.parent.name == "002"][:5]
+    stored = dcmtk("storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), *map(str, files))
+    assert stored.returncode == 0, stored.stderr
+
+
+def _alive(pid: str) -> bool:
+    """Running, not a zombie left for a parent that is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

@@ -83,7 +83,9 @@ def _tls_toml(pki: Pki, port: int, verify_clients: bool = True) -> str:
 @pytest.fixture
 def tls_node(tmp_path: Path, pki: Pki) -> NodeProcess:
     tls_port = free_port()
-    node = NodeProcess(tmp_path / "node", extra_toml=_tls_toml(pki, tls_port))
+    # Two receiver processes: the TLS port is then a socket the node opens and shares, the
+    # path a hospital's multi-core node takes (one receiver binds its own; other tests).
+    node = NodeProcess(tmp_path / "node", receivers=2, extra_toml=_tls_toml(pki, tls_port))
     node.tls_port = tls_port  # type: ignore[attr-defined]
     node.start()
     yield node  # type: ignore[misc]

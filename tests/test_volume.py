@@ -261,6 +261,36 @@ def test_jpeg2000_ct_decodes_to_hounsfield_units() -> None:
     assert volume.frame_of_reference_uid == ""  # these files lack it; recorded, not invented
 
 
+@pytest.mark.parametrize(
+    ("allocated", "stored", "signed"),
+    [(16, 16, 1), (16, 12, 1), (16, 12, 0), (8, 8, 0), (8, 7, 1), (32, 32, 1), (32, 20, 0)],
+)
+def test_uncompressed_pixels_are_read_in_place_as_pydicom_decodes_them(
+    series: list[Dataset],
+    monkeypatch: pytest.MonkeyPatch,
+    allocated: int,
+    stored: int,
+    signed: int,
+) -> None:
+    ds = series[0]
+    # Random bytes: the unused high bits hold garbage, which must be shifted out as pydicom
+    # does. 5x5 pixels of 8 bits are an odd length, padded with one byte.
+    ds.Rows = ds.Columns = 5
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = signed
+    ds.RescaleSlope, ds.RescaleIntercept = 0.37, -3.5
+    size = 25 * allocated // 8
+    ds.PixelData = np.random.default_rng(allocated + stored).bytes(size) + b"\0" * (size % 2)
+    expected = (pixel_array(ds).astype(np.float64) * 0.37 - 3.5).astype(np.float32)
+
+    def no_decoder(_: Dataset) -> None:
+        raise AssertionError("uncompressed pixel data went through pydicom's decoder")
+
+    monkeypatch.setattr("pacs_ai.imaging.volume.pixel_array", no_decoder)
+    volume = build_volume([ds], require_3d=False)
+    np.testing.assert_array_equal(volume.voxels[0], expected)
+
+
 def test_single_slice_is_a_volume_only_when_3d_is_not_required() -> None:
     datasets = load_series([real_file("CT_small.dcm")])
     with pytest.raises(NotAVolume, match="single slice") as refused:

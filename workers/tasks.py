@@ -12,6 +12,7 @@ from functools import cache
 from celery.signals import worker_process_init
 
 from pacs_ai.models.registry import register_dirs
+from pacs_ai.pipeline import warmup
 from pacs_ai.pipeline.deliver import run_delivery
 from pacs_ai.pipeline.infer import (
     ModelCache,
@@ -59,8 +60,10 @@ def context() -> WorkerContext | RemoteWorkerContext:
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _warm_up(**_: object) -> None:
     # Build the context when the pool process starts, not when the first job arrives: the
-    # first study should not wait for imports and a database connection.
-    context()
+    # first study should not wait for imports and a database connection. The rest (models,
+    # first-use costs of the encode) warms up in the background: see pacs_ai.pipeline.warmup.
+    ctx = context()
+    warmup.start(ctx.settings, ctx.models)
 
 
 @app.task(name=INFER_TASK)  # type: ignore[untyped-decorator]

@@ -9,6 +9,7 @@ object or a broken peer must never take the listener down.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -51,23 +52,71 @@ REJECT_CONGESTION = (0x02, 0x03, 0x01)
 REPORT_CONTEXTS = frozenset({STORAGE_COMMITMENT_PUSH_MODEL, Verification})
 
 
-class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with two changes.
+# How long a busier receiver leaves a new connection to a less busy one before taking it
+# itself (that one may be stuck, or gone), and how often it looks whether it was taken.
+ACCEPT_YIELD_MAX_S = 0.1
+ACCEPT_YIELD_POLL_S = 0.005
+LISTEN_BACKLOG = 128
 
-    - ``reuse_port``: several receiver processes share the port (SO_REUSEPORT).
-    - TLS handshakes happen in the connection's own thread with a timeout. pynetdicom does
-      them in ``get_request``, on the accepting thread and without a timeout, so one peer that
-      connects and never speaks TLS would stop the listener accepting anyone else.
+
+@dataclass(frozen=True)
+class ListeningSockets:
+    """What the node opens once and hands to each receiver process.
+
+    ``loads`` holds each receiver's open associations (a shared array, one slot per
+    receiver), so that a new connection goes to the least busy one.
     """
 
-    reuse_port = False
+    dicom: socket.socket
+    tls: socket.socket | None = None
+    loads: Any = None
+
+    def close(self) -> None:
+        for sock in (self.dicom, self.tls):
+            if sock is not None:
+                sock.close()
+
+
+def open_listening_sockets(settings: Settings, loads: Any) -> ListeningSockets:
+    """Bind and listen on the DICOM (and TLS) port, for receivers in other processes.
+
+    ``loads`` is a shared integer array with a slot per receiver (``multiprocessing``'s
+    ``Array("i", n, lock=False)``).
+    """
+    node = settings.node
+    dicom = _listen(node.bind, node.dicom_port)
+    try:
+        tls = _listen(node.bind, settings.tls.port) if settings.tls.port else None
+    except BaseException:
+        dicom.close()
+        raise
+    return ListeningSockets(dicom, tls, loads)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As pynetdicom does: connections in TIME_WAIT from a previous run do not block us.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with TLS handshakes in the connection's own thread.
+
+    pynetdicom does them in ``get_request``, on the accepting thread and without a timeout,
+    so one peer that connects and never speaks TLS would stop the listener accepting anyone
+    else.
+    """
+
     handshake_timeout_s = 10.0
     auditor: Auditor | None = None
-
-    def server_bind(self) -> None:
-        if self.socket is not None and self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -104,8 +153,75 @@ class NodeServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
-class ReusePortServer(NodeServer):
-    reuse_port = True
+class SharedSocketServer(NodeServer):
+    """Serves a listening socket the node opened and shares with its other receivers.
+
+    A new connection wakes every receiver. Each publishes how many associations it serves;
+    one that serves more than another leaves the connection to it, for up to
+    ``ACCEPT_YIELD_MAX_S``, and the least busy accepts. The socket is non-blocking, so the
+    receivers that lose the race get nothing, and socketserver drops the failed accept.
+    SO_REUSEPORT, used before, hashed connections to processes at random: 4 associations
+    over 2 receivers split 3-1 or 4-0 in five cases out of eight, leaving one process, and
+    its GIL, with most of the work.
+    """
+
+    def __init__(
+        self, *args: Any, listening: socket.socket, loads: Any, slot: int, **kwargs: Any
+    ) -> None:
+        self._listening = listening
+        self._loads, self._slot = loads, slot
+        self._accepted = 0  # accepted, association thread not started yet
+        self._accepted_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self._listening
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening: the node called listen() before handing the socket over."""
+
+    def _publish_load(self) -> int:
+        load = len(self.active_associations) + self._accepted
+        self._loads[self._slot] = load
+        return load
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self._publish_load() > min(self._loads):
+            self._leave_to_less_busy()
+        # BlockingIOError when another receiver took it: an OSError, which socketserver
+        # treats as "no request this time".
+        client, address = super().get_request()
+        with self._accepted_lock:
+            self._accepted += 1
+        self._publish_load()
+        return client, address
+
+    def _leave_to_less_busy(self) -> None:
+        assert self.socket is not None
+        deadline = time.monotonic() + ACCEPT_YIELD_MAX_S
+        while time.monotonic() < deadline:
+            waiting, _, _ = select.select([self.socket], [], [], ACCEPT_YIELD_POLL_S)
+            if not waiting:
+                return  # taken
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            # The association's own thread has started (or the connection is gone), so
+            # active_associations counts it from here.
+            with self._accepted_lock:
+                self._accepted -= 1
+
+    def server_close(self) -> None:
+        # pynetdicom shuts the socket down first, which would stop it listening in every
+        # process that shares it; closing drops only this process's descriptor.
+        assert self.socket is not None
+        self.socket.close()
 
 
 def build_ae(settings: Settings) -> AE:
@@ -343,19 +459,21 @@ def _on_aborted(event: Any) -> None:
 
 
 class Receiver:
-    """One listening DICOM server; several may share a port from different processes."""
+    """One DICOM listener: on ports of its own, or on sockets the node opened and shares."""
 
     def __init__(
         self,
         settings: Settings,
         ingest: Ingest,
-        reuse_port: bool = False,
+        sockets: ListeningSockets | None = None,
         auditor: Auditor | None = None,
+        slot: int = 0,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.ae = build_ae(settings)
-        self.reuse_port = reuse_port
+        self.sockets = sockets
+        self.slot = slot
         self.auditor = auditor or Auditor(ingest.engine, settings)
         self.server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
@@ -372,12 +490,20 @@ class Receiver:
             (evt.EVT_ABORTED, _on_aborted),
         ]
         node = self.settings.node
-        self.server = self._serve(handlers, node.dicom_port, None)
+        shared = self.sockets
+        self.server = self._serve(
+            handlers, node.dicom_port, None, shared.dicom if shared is not None else None
+        )
         host, port = self.server.server_address[:2]
         logger.info("listening for DICOM as %s on %s:%d", node.ae_title, host, port)
         tls = self.settings.tls
         if tls.port:
-            self.tls_server = self._serve(handlers, tls.port, server_context(tls))
+            self.tls_server = self._serve(
+                handlers,
+                tls.port,
+                server_context(tls),
+                shared.tls if shared is not None else None,
+            )
             logger.info(
                 "listening for DICOM TLS on %s:%d (client certificates %s)",
                 host,
@@ -387,15 +513,27 @@ class Receiver:
         return str(host), int(port)
 
     def _serve(
-        self, handlers: list[Any], port: int, ssl_context: ssl.SSLContext | None
+        self,
+        handlers: list[Any],
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        listening: socket.socket | None,
     ) -> ThreadedAssociationServer:
-        server_class = ReusePortServer if self.reuse_port else NodeServer
-        server = self.ae.make_server(
-            (self.settings.node.bind, port),
-            evt_handlers=handlers,
-            server_class=server_class,
-            ssl_context=ssl_context,
-        )
+        address = (self.settings.node.bind, port)
+        if listening is None:
+            server = self.ae.make_server(
+                address, evt_handlers=handlers, server_class=NodeServer, ssl_context=ssl_context
+            )
+        else:
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                server_class=SharedSocketServer,
+                ssl_context=ssl_context,
+                listening=listening,
+                loads=self.sockets.loads if self.sockets is not None else None,
+                slot=self.slot,
+            )
         cast(NodeServer, server).handshake_timeout_s = self.settings.tls.handshake_timeout_s
         cast(NodeServer, server).auditor = self.auditor
         # What AE.start_server(block=False) does, which cannot take a server class.

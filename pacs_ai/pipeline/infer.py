@@ -14,7 +14,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Protocol
@@ -58,21 +59,43 @@ def resolve_device(requested: str) -> str:
 
 @dataclass
 class ModelCache:
-    """Models stay resident in the worker process: loaded on first use, once."""
+    """Models stay resident in the worker process: loaded on first use, once.
+
+    The worker's warm-up (:mod:`pacs_ai.pipeline.warmup`) runs in a thread of its own while
+    jobs may already arrive. A job's :meth:`get` waits for it (:meth:`exclusive`) rather than
+    load a second copy of a model, or compete with the warm-up for the CPU and the GIL.
+    """
 
     device: str
     loaded: dict[str, Model] = field(default_factory=dict)
+    # Reentrant: the warm-up holds it throughout and loads its models through get().
+    _lock: threading.RLock = field(
+        init=False, default_factory=threading.RLock, repr=False, compare=False
+    )
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold every other thread's :meth:`get` back until the block is done."""
+        with self._lock:
+            yield
 
     def get(self, name: str) -> Model:
-        if name not in self.loaded:
-            model = create(name)
-            started = time.perf_counter()
-            model.load(self.device)
-            logger.info(
-                "model %s loaded on %s in %.1f s", name, self.device, time.perf_counter() - started
-            )
-            self.loaded[name] = model
-        return self.loaded[name]
+        return self.timed_get(name)[0]
+
+    def timed_get(self, name: str) -> tuple[Model, float, float]:
+        """Model ``name``; the seconds spent waiting for the warm-up, and loading the model."""
+        started = time.perf_counter()
+        with self._lock:
+            waited = time.perf_counter() - started
+            loading = 0.0
+            if name not in self.loaded:
+                model = create(name)
+                started = time.perf_counter()
+                model.load(self.device)
+                loading = time.perf_counter() - started
+                logger.info("model %s loaded on %s in %.1f s", name, self.device, loading)
+                self.loaded[name] = model
+            return self.loaded[name], waited, loading
 
 
 class JobRunner(Protocol):
@@ -210,9 +233,12 @@ def _check_suitable(manifest: ModelManifest, datasets: list[Dataset]) -> None:
 
 def _infer(ctx: JobRunner, job: ClaimedJob) -> tuple[list[Output], dict[str, float], str]:
     timings: dict[str, float] = {}
+    # Stages of their own, both zero on a warm worker: waiting for the worker's warm-up (a job
+    # that came while the worker was starting), and loading a model the warm-up did not load.
+    model, timings["warm-up"], timings["load"] = ctx.models.timed_get(job.model)
+
     started = time.perf_counter()
     datasets = ctx.link.series(job)
-    model = ctx.models.get(job.model)
     manifest = model.manifest
     _check_suitable(manifest, datasets)
     volume = build_volume(datasets, require_3d=manifest.needs_3d)
@@ -240,13 +266,14 @@ def _encode(
     seg = None
     if prediction.labelmap.any():
         seg = build_seg(sources, prediction, manifest, job.id)
-        outputs.append(ctx.link.store(job, "SEG", _encoded_bytes(seg)))
+        outputs.append(ctx.link.store(job, "SEG", encoded_bytes(seg)))
     sr = build_sr(sources, seg, prediction, manifest, job.id)
-    outputs.append(ctx.link.store(job, "SR", _encoded_bytes(sr)))
+    outputs.append(ctx.link.store(job, "SR", encoded_bytes(sr)))
     return outputs
 
 
-def _encoded_bytes(dataset: Dataset) -> bytes:
+def encoded_bytes(dataset: Dataset) -> bytes:
+    """``dataset`` as a DICOM Part 10 file in memory (what the node stores and sends)."""
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

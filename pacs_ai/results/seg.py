@@ -19,9 +19,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code as DicomCode
 
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 RESEARCH_USE_ONLY = "RESEARCH USE ONLY"
 DEFAULT_DEVICE_SERIAL_NUMBER = "PACSAI"
 """Used when the caller names no node; the worker passes the node's AE title instead."""
+FEW_LABELS = 16
+"""Up to this label value, :func:`labels_present` compares value by value instead of sorting."""
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -57,13 +61,23 @@ def content_label(manifest: ModelManifest) -> str:
     return label or "AI_SEG"
 
 
+def labels_present(labelmap: NDArray[np.integer[Any]] | NDArray[np.bool_]) -> list[int]:
+    """The non-zero values of ``labelmap``, ascending."""
+    if labelmap.size and labelmap.dtype.kind == "u":
+        highest = int(labelmap.max())
+        if highest <= FEW_LABELS:
+            # np.unique sorts or hashes every voxel (10^8 in a large CT): a few passes are cheaper.
+            return [value for value in range(1, highest + 1) if (labelmap == value).any()]
+    return [int(v) for v in np.unique(labelmap) if v != 0]
+
+
 def segment_numbers(prediction: Prediction, manifest: ModelManifest) -> dict[int, int]:
     """Label number → segment number for every label present in ``prediction.labelmap``.
 
     Raises ``ValueError`` if the label map holds a value the manifest does not declare: a
     model that does that is broken, and a segment without a meaning must not reach a PACS.
     """
-    present = [int(v) for v in np.unique(prediction.labelmap) if v != 0]
+    present = labels_present(prediction.labelmap)
     declared = {spec.number for spec in manifest.labels}
     unknown = sorted(set(present) - declared)
     if unknown:
@@ -102,6 +116,19 @@ def _check_sources(source_images: Sequence[Dataset], prediction: Prediction) -> 
         raise ValueError("source images must all belong to one series")
 
 
+def _relabel(labelmap: NDArray[np.uint8], numbers: dict[int, int]) -> NDArray[np.uint8]:
+    """``labelmap`` with each label replaced by its segment number, as uint8."""
+    if labelmap.dtype == np.uint8 and all(label == n for label, n in numbers.items()):
+        # The usual manifest (labels 1..N, all found): already segment numbers, and a lookup
+        # would copy every voxel. highdicom reads the array without writing to it.
+        return labelmap
+    lut = np.zeros(max(numbers) + 1, dtype=np.uint8)
+    for label, number in numbers.items():
+        lut[label] = number
+    relabelled: NDArray[np.uint8] = lut[labelmap]
+    return relabelled
+
+
 def build_seg(
     source_images: Sequence[Dataset],
     prediction: Prediction,
@@ -138,12 +165,9 @@ def build_seg(
         )
         for label, number in numbers.items()
     ]
-    # Relabel to segment numbers through a lookup table: highdicom reads a 3D integer array as
-    # "one segment per value", which avoids a (slices, rows, columns, segments) copy.
-    lut = np.zeros(max(numbers) + 1, dtype=np.uint8)
-    for label, number in numbers.items():
-        lut[label] = number
-    relabelled = lut[prediction.labelmap]
+    # A label map of segment numbers: highdicom reads a 3D integer array as "one segment per
+    # value", which avoids a (slices, rows, columns, segments) copy.
+    relabelled = _relabel(prediction.labelmap, numbers)
 
     seg = hd.seg.Segmentation(
         source_images=source_images,
