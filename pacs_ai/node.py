@@ -125,12 +125,15 @@ def _receiver_process(
     settings: Settings,
     sockets: ListeningSockets,
     slot: int,
+    node: int,
     stop: multiprocessing.synchronize.Event,
     started: multiprocessing.queues.SimpleQueue[str],
 ) -> None:
     configure_process(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A flag, not stop.set(): the handler may run while this thread holds stop's lock.
+    terminated: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
     try:
         ingest = make_ingest(settings, run_migrations=False)
         receiver = Receiver(settings, ingest, sockets, slot=slot)
@@ -141,14 +144,16 @@ def _receiver_process(
     # Before saying so: a collection holds the GIL, and the listener must answer at once.
     settle_heap()
     started.put("")
-    node = os.getppid()
-    while not stop.wait(1.0):
+    while not stop.wait(1.0) and not terminated:
         # A node killed outright (OOM killer, SIGKILL) runs no handler. Left running, its
         # receivers would hold the port, so the node could not be restarted on it.
         if os.getppid() != node:
             logger.error("the node (pid %d) is gone; this receiver stops", node)
             break
     receiver.stop(settings.node.drain_timeout_s)
+
+
+LOAD_OF_A_GONE_RECEIVER = 1 << 20
 
 
 class ReceiverPool:
@@ -172,7 +177,7 @@ class ReceiverPool:
     def _spawn(self, i: int) -> multiprocessing.process.BaseProcess:
         process = self.ctx.Process(
             target=_receiver_process,
-            args=(self.settings, self.sockets, i, self.stop_event, self.started),
+            args=(self.settings, self.sockets, i, os.getpid(), self.stop_event, self.started),
             name=f"receiver-{i}",
             daemon=True,
         )
@@ -198,6 +203,9 @@ class ReceiverPool:
                 logger.error(
                     "receiver %s died (exit %s); restarting", process.name, process.exitcode
                 )
+                # Until its successor publishes, the slot must not look idle: the others
+                # would leave every new connection to it.
+                self.sockets.loads[i] = LOAD_OF_A_GONE_RECEIVER
                 self.processes[i] = self._spawn(i)
                 self._wait_started(1)
 

@@ -220,6 +220,42 @@ def test_several_receiver_processes_share_one_port(
     assert time.time() - float(study["last_received_at"]) >= 1.0  # type: ignore[arg-type]
 
 
+def test_a_receiver_that_dies_is_replaced_and_shares_the_work_again(
+    node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth
+) -> None:
+    node = node_factory(tmp_path / "replace", receivers=2).start()
+    wait_for(lambda: b"receiver processes share" in node.log.read_bytes(), 30, "receivers up")
+    assert node.process is not None
+    pid = node.process.pid
+
+    def receivers() -> list[int]:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+    first = receivers()
+    os.kill(first[0], 9)
+    wait_for(lambda: b"restarting" in node.log.read_bytes(), 30, "the node to notice")
+    wait_for(lambda: len(set(receivers()) - {first[0]}) == 2, 60, "a new receiver")
+    # The survivor answers the port meanwhile; wait for the new one to say it listens too.
+    wait_for(lambda: node.log.read_bytes().count(b"listening for DICOM") >= 3, 60, "listening")
+    ae = AE(ae_title="BALANCE")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
+    try:
+        assert all(a.is_established for a in held)
+        assert sorted(_connections_held(receivers(), node.port).values()) == [2, 2]
+    finally:
+        for assoc in held:
+            assoc.release()
+    files = [f for f in chest_ct.files if f.parent.name == "002"][:20]
+    assert (
+        dcmtk(
+            "storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), *map(str, files)
+        ).returncode
+        == 0
+    )
+
+
 def _connections_held(pids: list[int], port: int) -> dict[int, int]:
     """How many established TCP connections on ``port`` each process holds (from /proc)."""
     inodes = set()

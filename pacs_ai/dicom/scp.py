@@ -55,7 +55,7 @@ REPORT_CONTEXTS = frozenset({STORAGE_COMMITMENT_PUSH_MODEL, Verification})
 # How long a busier receiver leaves a new connection to a less busy one before taking it
 # itself (that one may be stuck, or gone), and how often it looks whether it was taken.
 ACCEPT_YIELD_MAX_S = 0.1
-ACCEPT_YIELD_POLL_S = 0.005
+ACCEPT_YIELD_POLL_MS = 5
 LISTEN_BACKLOG = 128
 
 
@@ -153,6 +153,33 @@ class NodeServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class ReceiverLoad:
+    """One receiver's open associations, over its plain and TLS servers, published for the
+    others in its slot of the node's shared array.
+
+    Published when a connection arrives, when one is accepted, and every turn of each
+    server's loop (0.5 s), so an association that ended stops counting within a turn.
+    """
+
+    def __init__(self, loads: Any, slot: int) -> None:
+        self.loads, self.slot = loads, slot
+        self.servers: list[ThreadedAssociationServer] = []
+        self.accepted = 0  # accepted, association thread not started yet
+        self.lock = threading.Lock()
+
+    def add_accepted(self, change: int) -> None:
+        with self.lock:
+            self.accepted += change
+
+    def publish(self) -> int:
+        load = sum(len(s.active_associations) for s in self.servers) + self.accepted
+        self.loads[self.slot] = load
+        return load
+
+    def least_of_all(self) -> bool:
+        return self.publish() <= int(min(self.loads))
+
+
 class SharedSocketServer(NodeServer):
     """Serves a listening socket the node opened and shares with its other receivers.
 
@@ -166,13 +193,13 @@ class SharedSocketServer(NodeServer):
     """
 
     def __init__(
-        self, *args: Any, listening: socket.socket, loads: Any, slot: int, **kwargs: Any
+        self, *args: Any, listening: socket.socket, load: ReceiverLoad, **kwargs: Any
     ) -> None:
         self._listening = listening
-        self._loads, self._slot = loads, slot
-        self._accepted = 0  # accepted, association thread not started yet
-        self._accepted_lock = threading.Lock()
+        self._load = load
         super().__init__(*args, **kwargs)
+        load.servers.append(self)
+        load.publish()  # a replaced receiver's slot may still hold its predecessor's load
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -184,29 +211,34 @@ class SharedSocketServer(NodeServer):
     def server_activate(self) -> None:
         """Already listening: the node called listen() before handing the socket over."""
 
-    def _publish_load(self) -> int:
-        load = len(self.active_associations) + self._accepted
-        self._loads[self._slot] = load
-        return load
-
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        if self._publish_load() > min(self._loads):
+        if not self._load.least_of_all():
             self._leave_to_less_busy()
         # BlockingIOError when another receiver took it: an OSError, which socketserver
         # treats as "no request this time".
         client, address = super().get_request()
-        with self._accepted_lock:
-            self._accepted += 1
-        self._publish_load()
+        # Linux does not pass O_NONBLOCK on to accepted sockets; say so rather than rely on it.
+        client.setblocking(True)
+        self._load.add_accepted(1)
+        self._load.publish()
         return client, address
 
     def _leave_to_less_busy(self) -> None:
         assert self.socket is not None
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
         deadline = time.monotonic() + ACCEPT_YIELD_MAX_S
         while time.monotonic() < deadline:
-            waiting, _, _ = select.select([self.socket], [], [], ACCEPT_YIELD_POLL_S)
-            if not waiting:
+            if not poller.poll(ACCEPT_YIELD_POLL_MS):
                 return  # taken
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            # No thread started (none left to start?): nothing will count this one down.
+            self._load.add_accepted(-1)
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -214,8 +246,11 @@ class SharedSocketServer(NodeServer):
         finally:
             # The association's own thread has started (or the connection is gone), so
             # active_associations counts it from here.
-            with self._accepted_lock:
-                self._accepted -= 1
+            self._load.add_accepted(-1)
+
+    def service_actions(self) -> None:
+        self._load.publish()
+        super().service_actions()
 
     def server_close(self) -> None:
         # pynetdicom shuts the socket down first, which would stop it listening in every
@@ -473,7 +508,7 @@ class Receiver:
         self.ingest = ingest
         self.ae = build_ae(settings)
         self.sockets = sockets
-        self.slot = slot
+        self.load = ReceiverLoad(sockets.loads, slot) if sockets is not None else None
         self.auditor = auditor or Auditor(ingest.engine, settings)
         self.server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
@@ -531,8 +566,7 @@ class Receiver:
                 server_class=SharedSocketServer,
                 ssl_context=ssl_context,
                 listening=listening,
-                loads=self.sockets.loads if self.sockets is not None else None,
-                slot=self.slot,
+                load=self.load,
             )
         cast(NodeServer, server).handshake_timeout_s = self.settings.tls.handshake_timeout_s
         cast(NodeServer, server).auditor = self.auditor
