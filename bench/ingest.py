@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
+from pacs_ai.processes import stop_process
 
 SENDERS = 4
 START_TIMEOUT_S = 30.0
@@ -187,14 +187,8 @@ class Receiver:
         return self.ready()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, STOP_TIMEOUT_S)
 
 
 def echo(echoscu: str, ae_title: str, port: int) -> bool:

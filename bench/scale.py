@@ -48,7 +48,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
+from pacs_ai.processes import stop_process
 from tests.databases import read_rows
 from tests.peers import (
     TOOL_ENV,
@@ -300,14 +300,8 @@ class Worker:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            # Celery's warm shutdown; the round is over, so no task is in hand.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                kill_tree(self.process.pid)
-                self.process.wait()
+        # Celery's warm shutdown; the round is over, so no task is in hand.
+        stop_process(self.process, STOP_TIMEOUT_S, kill=lambda p: kill_tree(p.pid))
         self.process = None
 
 

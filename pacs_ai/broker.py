@@ -19,6 +19,7 @@ from pathlib import Path
 import redis
 
 from pacs_ai.errors import NetworkError
+from pacs_ai.processes import stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +116,6 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()  # redis flushes its append-only file on SIGTERM
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 15)  # redis flushes its append-only file on SIGTERM
         self.process = None
         self.socket.unlink(missing_ok=True)

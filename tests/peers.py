@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pacs_ai.processes import stop_process
 from tests.databases import THROWAWAY, on_postgresql, read_rows
 
 DCMTK = Path("/usr/bin")
@@ -178,14 +179,7 @@ class NodeProcess:
     def stop(self, timeout: float = 30) -> int:
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        code = self.process.returncode
+        code = stop_process(self.process, timeout)
         self.process = None
         self.log_file.close()
         return code
@@ -289,12 +283,7 @@ class OrthancProcess:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 30)
         self.process = None
         self.log.close()
 
@@ -344,12 +333,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 15)
         self.process = None
 
 

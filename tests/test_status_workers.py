@@ -5,7 +5,6 @@ it answers within its time bound when the broker is down or does not answer."""
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pacs_ai.admin import LocalAdmin, broker_status, node_broker_url
 from pacs_ai.config import load_settings
 from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app, masked_url
+from pacs_ai.processes import stop_process
 from pacs_ai.storage.db import open_database
 from pacs_ai.web.metrics import NodeCollector
 from tests.peers import NodeProcess, RedisServer, free_port, kill_tree, wait_for
@@ -46,13 +46,8 @@ class Workers:
 
     @staticmethod
     def stop(process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                kill_tree(process.pid)
-                process.wait()
+        # Celery's warm shutdown first; its pool processes outlive a killed main process.
+        stop_process(process, 20, kill=lambda p: kill_tree(p.pid))
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from pacs_ai.config import Settings
 from pacs_ai.pipeline.assemble import CompletionListener
 from pacs_ai.pipeline.dispatch import Dispatcher
 from pacs_ai.pipeline.queues import create_app
+from pacs_ai.processes import stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +84,6 @@ class AIRuntime:
         if self.worker is not None:
             # Celery's warm shutdown finishes the task in hand; a job cut short is taken back
             # by the reconciler from its lease, so waiting is a courtesy, not a requirement.
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+            stop_process(self.worker, timeout_s)
         if self.redis is not None:
             self.redis.stop()
