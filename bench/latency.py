@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
-from pacs_ai.storage.schema import SOURCE
+from pacs_ai.storage.schema import SOURCE, WORKER_STAGES
 from tests.databases import read_rows
 from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
 
@@ -85,7 +85,7 @@ def _stages(node: NodeProcess, sent_at: float) -> dict[str, float]:
         node.index_url, "SELECT enqueued_at, started_at, finished_at, timings FROM jobs"
     )[0]
     t = json.loads(timings)
-    encoded_at = started + sum(t[k] for k in ("warm-up", "load", "volume", "inference", "encode"))
+    encoded_at = started + sum(t[k] for k in WORKER_STAGES)
     return {
         "receive": last_received - sent_at,
         "quiet": completed - last_received,

@@ -63,6 +63,7 @@ from pydicom import dcmread
 
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from pacs_ai.processes import stop_process
+from pacs_ai.storage.schema import WORKER_STAGES
 from tests.databases import read_rows
 from tests.peers import (
     TOOL_ENV,
@@ -408,8 +409,7 @@ def run_round(
         if row[3] != "DELIVERED":
             continue
         t = json.loads(row[7])
-        stages = ("warm-up", "load", "volume", "inference", "encode")
-        encoded_at = row[5] + sum(t[k] for k in stages)
+        encoded_at = row[5] + sum(t[k] for k in WORKER_STAGES)
         job_s.append(encoded_at - row[5])
         lag_s.append(row[6] - encoded_at)
     return RoundResult(

@@ -123,6 +123,10 @@ instances = Table(
 QUEUED, RUNNING, ENCODED, DELIVERED = "QUEUED", "RUNNING", "ENCODED", "DELIVERED"
 SKIPPED, FAILED, CANCELED = "SKIPPED", "FAILED", "CANCELED"
 JOB_STATES = (QUEUED, RUNNING, ENCODED, DELIVERED, SKIPPED, FAILED, CANCELED)
+# What a worker times in a job, in order (jobs.timings): waiting for its warm-up, loading the
+# model, reading the series into a volume, the model, the SEG and SR. Their sum runs from the
+# claim to ENCODED.
+WORKER_STAGES = ("warm-up", "load", "volume", "inference", "encode")
 JOB_FINAL = (DELIVERED, SKIPPED, FAILED, CANCELED)
 
 PENDING, SENDING, DONE = "PENDING", "SENDING", "DONE"
@@ -150,7 +154,7 @@ jobs = Table(
     Column("lease_expires_at", Float, nullable=True),
     Column("worker", String(128), nullable=False, default=""),
     Column("finished_at", Float, nullable=True),
-    # Stage durations in seconds, JSON: {"volume": .., "inference": .., "encode": ..}
+    # Stage durations in seconds, JSON, keyed by WORKER_STAGES.
     Column("timings", String(1024), nullable=False, default="{}"),
     Column("findings", String(4096), nullable=False, default=""),
     # Which completion of the study made this job: a reopened study may run its models again.

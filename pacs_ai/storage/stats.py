@@ -20,6 +20,7 @@ from pacs_ai.storage.schema import (
     PENDING,
     SENDING,
     SOURCE,
+    WORKER_STAGES,
     deliveries,
     instances,
     jobs,
@@ -109,7 +110,7 @@ def counts(engine: Engine) -> Counts:
 
 # --- stage durations -----------------------------------------------------------------------
 
-JOB_STAGES = ("queue_wait", "volume", "inference", "encode", "delivery")
+JOB_STAGES = ("queue_wait", *WORKER_STAGES, "delivery")
 STUDY_STAGES = ("receive", "quiet")
 
 
@@ -152,13 +153,14 @@ def finished_since(engine: Engine, since: float) -> Iterator[Finished]:
         ).all()
     for r in job_rows:
         timings = json.loads(r.timings or "{}")
-        stages = {k: float(timings[k]) for k in ("volume", "inference", "encode") if k in timings}
+        # Jobs from before the warm-up and load timings have only the last three.
+        worked = {k: float(timings[k]) for k in WORKER_STAGES if k in timings}
+        stages = dict(worked)
         if r.enqueued_at is not None and r.started_at is not None:
             # The reconciler may stamp enqueued_at again after the claim: never negative.
             stages["queue_wait"] = max(0.0, r.started_at - r.enqueued_at)
-        worked = ("volume", "inference", "encode")
-        if r.destinations and r.started_at is not None and all(k in stages for k in worked):
-            encoded_at = r.started_at + sum(stages[k] for k in worked)
+        if r.destinations and r.started_at is not None and "encode" in worked:
+            encoded_at = r.started_at + sum(worked.values())
             stages["delivery"] = max(0.0, r.finished_at - encoded_at)
         yield Finished("job", r.id, r.finished_at, stages)
     for s in study_rows:

@@ -90,8 +90,8 @@ class StageHistograms:
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
             "pacs_ai_stage_duration_seconds",
-            "Seconds each stage took: receive and quiet per study; queue_wait, volume, "
-            "inference, encode and delivery per delivered job.",
+            "Seconds each stage took: receive and quiet per study; queue_wait, warm-up, "
+            "load, volume, inference, encode and delivery per delivered job.",
             labels=["stage"],
         )
         for stage in STAGES:
