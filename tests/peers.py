@@ -6,6 +6,7 @@ by asking the process (C-ECHO, HTTP), never by sleeping a fixed time.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,6 +316,23 @@ class RedisServer:
         )
         wait_for(self.pings, 20, f"redis-server on port {self.port}")
         return self
+
+    def queued(self) -> list[tuple[str, int, str, int]]:
+        """(task, id, queue, priority) of every message waiting on the node's queues."""
+        import redis
+
+        from pacs_ai.pipeline.queues import QUEUES, queue_keys
+
+        found = []
+        with closing(redis.Redis.from_url(self.url)) as client:
+            for queue in QUEUES:
+                for key in queue_keys(queue):
+                    for raw in client.lrange(key, 0, -1):
+                        message = json.loads(raw)
+                        (item_id,) = json.loads(base64.b64decode(message["body"]))[0]
+                        priority = message["properties"]["priority"]
+                        found.append((message["headers"]["task"], item_id, queue, priority))
+        return found
 
     def pings(self) -> bool:
         try:

@@ -71,7 +71,7 @@ def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
         ingest.engine,
         ModelCache("cpu"),
         enqueue_delivery=lambda _: None,
-        enqueue_job_retry=lambda _: None,
+        enqueue_job_retry=lambda *_: None,
     )
     assert run_job(ctx, job_id) == "SKIPPED"
     row = jobs.job_row(ingest.engine, job_id)

@@ -135,7 +135,7 @@ class Rig:
             self.engine,
             ModelCache("cpu"),
             enqueue_delivery=lambda _: None,
-            enqueue_job_retry=lambda _: None,
+            enqueue_job_retry=lambda *_: None,
             clock=self.now,
         )
 
@@ -246,6 +246,12 @@ def _sources(rig: Rig, study_id: int) -> list[Path]:
         return [rig.spool.path_of(p) for p in paths]
 
 
+def _commitment_jobs(orthanc: OrthancProcess) -> list[str]:
+    """The states of Orthanc's storage commitment report jobs."""
+    jobs_ = orthanc.get("/jobs?expand")
+    return sorted(j["State"] for j in jobs_ if j["Type"] == "StorageCommitmentScp")
+
+
 @pytest.mark.slow
 def test_orthanc_commits_or_fails_and_retention_waits_for_it(
     rig: Rig, caplog: pytest.LogCaptureFixture
@@ -271,6 +277,9 @@ def test_orthanc_commits_or_fails_and_retention_waits_for_it(
     assert run_delivery(worker, kept_delivery) == "NOT_CLAIMED"
     assert kept_delivery not in jobs.reconcile(rig.engine, rig.now(), 600).deliveries
 
+    # Orthanc reports from jobs of its own: both must have given up on the absent listener
+    # before it comes up, or a late first report would reach it.
+    wait_for(lambda: _commitment_jobs(rig.orthanc) == ["Failure", "Failure"], 60, "reports lost")
     # The PACS loses one object meanwhile; the listener comes up.
     _orthanc_delete(rig.orthanc, dcmread(lost_sr).SOPInstanceUID)
     receiver = Receiver(rig.settings, rig.ingest)

@@ -72,7 +72,7 @@ def test_deliveries_to_up_and_down_peers(
         engine,
         ModelCache("cpu"),
         enqueue_delivery=lambda _: None,
-        enqueue_job_retry=lambda _: None,
+        enqueue_job_retry=lambda *_: None,
         clock=lambda: clock[0],
     )
 

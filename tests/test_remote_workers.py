@@ -28,7 +28,7 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import ModelCache, RemoteWorkerContext, run_job
 from pacs_ai.pipeline.link import LeaseLost
 from pacs_ai.pipeline.node_client import NodeRefused, RemoteLink
-from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
+from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app
 from pacs_ai.results.uids import SR_INSTANCE, SR_SERIES, result_uid
 from pacs_ai.storage.schema import RESULT
 from pacs_ai.web.context import WebContext
@@ -53,7 +53,12 @@ class Remote:
 
     ctx: WebContext
     url: str
-    sent: list[tuple[str, int, str]]
+    broker: RedisServer
+
+    @property
+    def sent(self) -> list[tuple[str, int, str, int]]:
+        """What the node put on its broker: (task, id, queue, priority)."""
+        return self.broker.queued()
 
     def token(self, role: str = "worker") -> str:
         from pacs_ai.storage import tokens
@@ -71,11 +76,18 @@ class Remote:
 
 @pytest.fixture
 def remote(tmp_path: Path) -> Iterator[Remote]:
-    with web_client(tmp_path) as (_, ctx):
-        sent: list[tuple[str, int, str]] = []
-        ctx.send_task = lambda name, item, queue, _priority: sent.append((name, item, queue))
-        with served(ctx) as url:
-            yield Remote(ctx, url, sent)
+    broker = RedisServer().start()
+    try:
+        with web_client(tmp_path) as (_, ctx):
+            app = create_app(ctx.settings, broker.url)
+            # What AIRuntime.send_task does, onto a real Redis.
+            ctx.send_task = lambda name, item, queue, priority: app.send_task(
+                name, args=[item], queue=queue, priority=priority
+            )
+            with served(ctx) as url:
+                yield Remote(ctx, url, broker)
+    finally:
+        broker.stop()
 
 
 def test_a_remote_worker_runs_a_job_through_the_node_api(remote: Remote, tmp_path: Path):
@@ -103,7 +115,7 @@ def test_a_remote_worker_runs_a_job_through_the_node_api(remote: Remote, tmp_pat
     # ...and put one delivery per result on the send queue, for its own workers.
     deliveries = jobs.delivery_rows(remote.ctx.engine)
     assert len(deliveries) == 2
-    assert sorted(remote.sent) == sorted((SEND_TASK, d.id, "send") for d in deliveries)
+    assert sorted(remote.sent) == sorted((SEND_TASK, d.id, "send", 5) for d in deliveries)
 
 
 def test_a_second_worker_cannot_take_or_finish_a_held_job(remote: Remote, tmp_path: Path):
@@ -125,7 +137,9 @@ def test_a_second_worker_cannot_take_or_finish_a_held_job(remote: Remote, tmp_pa
 
     # A failed attempt goes back on the infer queue through the node's broker.
     assert first.fail(job, "CUDA out of memory") == "QUEUED"
-    assert remote.sent == [(INFER_TASK, job_id, "infer")]
+    # At the job's own priority (ROUTINE here), not a default.
+    assert remote.sent == [(INFER_TASK, job_id, "infer", job.priority.celery_priority)]
+    assert job.priority.celery_priority != 5
     row = jobs.job_row(remote.ctx.engine, job_id)
     assert row is not None and row.reason == "CUDA out of memory"
     # The job is no longer the first worker's.
@@ -257,7 +271,6 @@ def test_two_workers_without_the_nodes_disk_process_studies_from_orthanc(
     tmp_path: Path, orthanc_factory: type[OrthancProcess]
 ) -> None:
     redis = RedisServer(free_port())
-    redis.start()
     orthanc = orthanc_factory(tmp_path / "orthanc")
     node = NodeProcess(
         tmp_path / "node",
@@ -271,6 +284,7 @@ def test_two_workers_without_the_nodes_disk_process_studies_from_orthanc(
     studies = [small_study(tmp_path / f"study{i}", seed=40 + i) for i in range(4)]
     workers: list[subprocess.Popen[bytes]] = []
     try:
+        redis.start()
         orthanc.start()
         node.start()
         token = node.token("worker")

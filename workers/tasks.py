@@ -14,6 +14,7 @@ from celery.signals import worker_process_init
 from pacs_ai.models.registry import register_dirs
 from pacs_ai.pipeline import warmup
 from pacs_ai.pipeline.deliver import run_delivery
+from pacs_ai.pipeline.dispatch import Dispatcher
 from pacs_ai.pipeline.infer import (
     ModelCache,
     RemoteWorkerContext,
@@ -48,12 +49,16 @@ def context() -> WorkerContext | RemoteWorkerContext:
     logger.info(
         "worker context: device %s, database %s", device, settings.database_url.split("@")[-1]
     )
+    engine = open_database(settings.database_url, run_migrations=False)
+    # The node's own enqueueing: a retried job keeps its priority, and a broker that is down
+    # leaves the job or delivery to the reconciler.
+    dispatcher = Dispatcher(settings, engine, _send)
     return WorkerContext(
         settings=settings,
-        engine=open_database(settings.database_url, run_migrations=False),
+        engine=engine,
         models=ModelCache(device),
-        enqueue_delivery=lambda i: _send(SEND_TASK, i, "send", 5),
-        enqueue_job_retry=lambda i: _send(INFER_TASK, i, "infer", 5),
+        enqueue_delivery=dispatcher.enqueue_delivery,
+        enqueue_job_retry=dispatcher.enqueue_job,
     )
 
 

@@ -31,6 +31,7 @@ from pacs_ai.models.base import Model, ModelManifest, Prediction
 from pacs_ai.models.registry import create
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
 from pacs_ai.pipeline.link import JobLink, LeaseLost, LocalLink
+from pacs_ai.pipeline.route import Priority
 from pacs_ai.results.seg import build_seg
 from pacs_ai.results.sr import build_sr
 
@@ -123,7 +124,7 @@ class WorkerContext:
     engine: Engine
     models: ModelCache
     enqueue_delivery: Callable[[int], None]
-    enqueue_job_retry: Callable[[int], None]
+    enqueue_job_retry: Callable[[int, Priority], None]
     clock: Callable[[], float] = time.time
     name: str = field(default_factory=worker_name)
     # Deliveries are audited; one Auditor (and syslog socket) per worker process.

@@ -29,6 +29,7 @@ from pacs_ai.errors import PacsAiError
 from pacs_ai.imaging.volume import load_series
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
+from pacs_ai.pipeline.route import Priority
 from pacs_ai.results.uids import SEG_INSTANCE, SEG_SERIES, SR_INSTANCE, SR_SERIES, result_uid
 from pacs_ai.storage import index
 from pacs_ai.storage.schema import QUEUED, RUNNING, SOURCE, instances, studies
@@ -131,7 +132,8 @@ class LocalLink:
     worker: str
     clock: Callable[[], float]
     enqueue_delivery: Callable[[int], None]
-    enqueue_job_retry: Callable[[int], None]
+    # (job id, priority): a retried STAT job is still STAT.
+    enqueue_job_retry: Callable[[int, Priority], None]
 
     @property
     def lease_s(self) -> float:
@@ -236,7 +238,7 @@ class LocalLink:
     def fail(self, job: ClaimedJob, reason: str) -> str:
         state = jobs.fail_attempt(self.engine, job.id, reason, self.clock(), worker=self.worker)
         if state == QUEUED:
-            self.enqueue_job_retry(job.id)
+            self.enqueue_job_retry(job.id, job.priority)
         else:
             self._refresh_worklist(job)
         return state

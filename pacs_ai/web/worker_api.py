@@ -21,9 +21,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from pacs_ai.pipeline.dispatch import Dispatcher
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
 from pacs_ai.pipeline.link import RESULT_KINDS, LocalLink, ResultRefused, result_path
-from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
 from pacs_ai.results.uids import result_uid
 from pacs_ai.storage.schema import SOURCE
 from pacs_ai.web.auth import Permission, requires
@@ -63,14 +63,16 @@ def _link(request: Request, worker: str) -> LocalLink:
     ctx: WebContext = request.app.state.ctx
     if ctx.send_task is None:
         raise HTTPException(503, "this node runs no AI path (no broker): it has no jobs to give")
-    send_task = ctx.send_task
+    # The runtime's own enqueueing: a broker that is down leaves the job or delivery for the
+    # reconciler, and a retried job keeps its priority.
+    dispatcher = Dispatcher(ctx.settings, ctx.engine, ctx.send_task, ctx.clock)
     return LocalLink(
         ctx.settings,
         ctx.engine,
         worker,
         ctx.clock,
-        lambda delivery_id: send_task(SEND_TASK, delivery_id, "send", 5),
-        lambda job_id: send_task(INFER_TASK, job_id, "infer", 5),
+        dispatcher.enqueue_delivery,
+        dispatcher.enqueue_job,
     )
 
 
