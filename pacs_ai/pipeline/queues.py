@@ -6,9 +6,11 @@ by :mod:`workers.celery_app` (to run the tasks).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
@@ -221,8 +223,34 @@ def broker_errors() -> tuple[type[Exception], ...]:
     return (OperationalError, redis.RedisError, OSError, ValueError)
 
 
+_T = TypeVar("_T")
+
+
+def _within(call: Callable[[], _T], timeout_s: float) -> _T:
+    """``call()``, or TimeoutError after ``timeout_s``: kombu's broadcast publish retries a
+    connection lost mid-call without end, and a status must answer whatever the broker does."""
+    box: list[_T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(call())
+        except BaseException as exc:  # handed to the caller's thread as is
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="worker-report", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    if not box:
+        raise TimeoutError(f"the broker did not answer within {timeout_s:.0f} s")
+    return box[0]
+
+
 def worker_report(app_or_broker_url: Celery | str, timeout_s: float = 2.0) -> list[WorkerInfo]:
-    """The workers that answer on the broker, sorted by name, in about ``timeout_s`` at most.
+    """The workers that answer on the broker, sorted by name, in about ``timeout_s`` at most
+    (TimeoutError a second after that, whatever the broker does).
 
     One broadcast of :data:`REPORT_COMMAND` waits half the time for every worker's answer
     (nothing says how many there are); a worker that does not know the command (not a
@@ -231,6 +259,10 @@ def worker_report(app_or_broker_url: Celery | str, timeout_s: float = 2.0) -> li
     Raises one of :func:`broker_errors` when the broker cannot be reached; the broker is
     never retried, so that a status never hangs on it.
     """
+    return _within(lambda: _ask_workers(app_or_broker_url, timeout_s), timeout_s + 1.0)
+
+
+def _ask_workers(app_or_broker_url: Celery | str, timeout_s: float) -> list[WorkerInfo]:
     deadline = time.monotonic() + timeout_s
     # No socket wait may outlast the whole budget (connect, publish, read).
     wait_s = timeout_s / 2

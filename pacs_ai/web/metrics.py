@@ -153,13 +153,11 @@ class NodeCollector(Collector):
     def _queues(self) -> dict[str, int] | None:
         if not self.ctx.broker_url:
             return None
-        import redis
-
         from pacs_ai.pipeline.queues import queue_depths
 
         try:
             return queue_depths(self.ctx.broker_url)
-        except (redis.RedisError, ValueError) as exc:
+        except broker_errors() as exc:
             logger.warning("queue depths unavailable: %s", exc)
             return None
 
