@@ -17,14 +17,11 @@ import logging
 import ssl
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pynetdicom import evt
 
 from pacs_ai.config import PeerSettings
@@ -87,21 +84,6 @@ def new_transaction_uid() -> str:
     (PS3.4 J.3.3), and a database rebuilt from scratch would derive the same ones again.
     """
     return f"2.25.{uuid.uuid4().int}"
-
-
-def references(paths: Iterable[Path]) -> list[Reference]:
-    """The SOP class and instance of each Part 10 file, from its file meta only."""
-    found = []
-    for path in paths:
-        try:
-            meta = read_file_meta_info(path)
-            found.append(
-                Reference(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID))
-            )
-        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            # Not sent either (scu.scan skips the same files), so not committed to.
-            logger.warning("%s has no readable file meta, left out of the request: %s", path, exc)
-    return found
 
 
 def _item(ref: Reference) -> Dataset:

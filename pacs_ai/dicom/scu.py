@@ -91,6 +91,7 @@ class SendableFile:
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
+    sop_instance_uid: str = ""
 
 
 @dataclass
@@ -164,13 +165,14 @@ def scan(paths: Iterable[Path], report: SendReport) -> list[SendableFile]:
             meta = read_file_meta_info(path)
             sop_class = str(meta.MediaStorageSOPClassUID)
             syntax = str(meta.TransferSyntaxUID)
+            sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             report.skipped.append((path, f"not a DICOM Part 10 file: {exc}"))
             continue
         if sop_class == MEDIA_STORAGE_DIRECTORY:
             report.skipped.append((path, "a DICOMDIR indexes media; it is not sent"))
             continue
-        found.append(SendableFile(path, sop_class, syntax))
+        found.append(SendableFile(path, sop_class, syntax, sop_instance))
     return found
 
 

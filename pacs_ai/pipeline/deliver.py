@@ -21,6 +21,7 @@ from sqlalchemy import select
 from pacs_ai.audit.events import AuditEvent, Kind, Outcome
 from pacs_ai.config import PeerSettings
 from pacs_ai.dicom import commitment, scu
+from pacs_ai.dicom.commitment import Reference
 from pacs_ai.dicom.status import describe
 from pacs_ai.dicom.tls import for_peer
 from pacs_ai.dicomweb.client import stow
@@ -50,7 +51,10 @@ def _files(ctx: WorkerContext, delivery: ClaimedDelivery) -> list[Path]:
         return [settings.spool_dir / p for p in conn.execute(query).scalars()]
 
 
-def _c_store(ctx: WorkerContext, peer: PeerSettings, paths: list[Path]) -> str:
+def _c_store(
+    ctx: WorkerContext, peer: PeerSettings, paths: list[Path], sent: list[Reference]
+) -> str:
+    """C-STORE ``paths`` to ``peer``; an error, or "" with what was stored added to ``sent``."""
     report = scu.SendReport()
     files = scu.scan(paths, report)
     if report.skipped:
@@ -71,6 +75,7 @@ def _c_store(ctx: WorkerContext, peer: PeerSettings, paths: list[Path]) -> str:
         tls=for_peer(ctx.settings.tls, peer),
     )
     if report.ok and files:
+        sent.extend(Reference(f.sop_class_uid, f.sop_instance_uid) for f in files)
         return ""
     if not files:
         return "nothing to send (no DICOM files)"
@@ -151,7 +156,7 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
         return "NOT_CLAIMED" if outcome == commitments.NOT_DUE else outcome
     peer = ctx.settings.peer(delivery.peer)
     error = ""
-    paths: list[Path] = []
+    sent: list[Reference] = []  # what a C-STORE stored, for a storage commitment request
     if peer is None:
         error = f"peer {delivery.peer!r} is no longer configured"
     else:
@@ -162,7 +167,7 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
             elif peer.protocol == "dicomweb":
                 error = _stow(peer.dicomweb_url, paths, ctx.settings.delivery.timeout_s)
             else:
-                error = _c_store(ctx, peer, paths)
+                error = _c_store(ctx, peer, paths, sent)
         except PacsAiError as exc:
             error = str(exc)
         except OSError as exc:
@@ -171,9 +176,8 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
     if not error:
         if peer is not None and peer.storage_commitment:
             # Recorded before DONE: a DONE delivery to such a peer always has its commitment.
-            refs = commitment.references(paths)
             timeout = peer.commitment_timeout_s
-            commitments.prepare(ctx.engine, delivery_id, refs, ctx.clock(), timeout)
+            commitments.prepare(ctx.engine, delivery_id, sent, ctx.clock(), timeout)
         jobs.delivered(ctx.engine, delivery, ctx.clock())
         logger.info("delivery %d (%s) to %s DONE", delivery_id, delivery.kind, delivery.peer)
         if peer is not None and peer.storage_commitment:

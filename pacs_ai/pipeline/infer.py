@@ -32,7 +32,7 @@ from pacs_ai.models.registry import create
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
 from pacs_ai.pipeline.link import JobLink, LeaseLost, LocalLink
 from pacs_ai.pipeline.route import Priority
-from pacs_ai.results.seg import build_seg
+from pacs_ai.results.seg import build_seg, segment_numbers
 from pacs_ai.results.sr import build_sr
 
 logger = logging.getLogger(__name__)
@@ -265,10 +265,12 @@ def _encode(
 ) -> list[Output]:
     outputs = []
     seg = None
-    if prediction.labelmap.any():
-        seg = build_seg(sources, prediction, manifest, job.id)
+    # One scan of the label map for both objects (10^8 voxels in a large CT).
+    numbers = segment_numbers(prediction, manifest)
+    if numbers:
+        seg = build_seg(sources, prediction, manifest, job.id, numbers=numbers)
         outputs.append(ctx.link.store(job, "SEG", encoded_bytes(seg)))
-    sr = build_sr(sources, seg, prediction, manifest, job.id)
+    sr = build_sr(sources, seg, prediction, manifest, job.id, numbers=numbers)
     outputs.append(ctx.link.store(job, "SR", encoded_bytes(sr)))
     return outputs
 

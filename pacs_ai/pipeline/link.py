@@ -20,7 +20,7 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_ai.config import Settings
@@ -167,16 +167,6 @@ class LocalLink:
                 )
             ).scalars()
             return [self.settings.spool_dir / p for p in rows]
-
-    def source_count(self, job: ClaimedJob) -> int:
-        with self.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count()).where(
-                        instances.c.series_id == job.series_id, instances.c.kind == SOURCE
-                    )
-                ).scalar_one()
-            )
 
     def series(self, job: ClaimedJob) -> list[Dataset]:
         return load_series(self.series_paths(job))

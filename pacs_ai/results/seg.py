@@ -137,6 +137,7 @@ def build_seg(
     series_number: int = 9001,
     *,
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    numbers: dict[int, int] | None = None,
 ) -> hd.seg.Segmentation:
     """Encode ``prediction.labelmap`` as a BINARY SEG in the study of ``source_images``.
 
@@ -145,11 +146,15 @@ def build_seg(
     plane positions are given, so a wrong order would put every mask on the wrong image.
     The SOP Instance and Series Instance UIDs derive from ``job_id`` (:mod:`.uids`).
 
+    ``numbers`` is :func:`segment_numbers` of the prediction when the caller has it already
+    (it scans the whole label map).
+
     Raises ``ValueError`` if the label map is empty (a SEG needs at least one segment; report
     a negative result in the SR alone) or does not match the source images or the manifest.
     """
     _check_sources(source_images, prediction)
-    numbers = segment_numbers(prediction, manifest)
+    if numbers is None:
+        numbers = segment_numbers(prediction, manifest)
     if not numbers:
         raise ValueError(f"label map of job {job_id} is empty: there is no segment to encode")
     specs: dict[int, LabelSpec] = {spec.number: spec for spec in manifest.labels}

@@ -222,6 +222,7 @@ def build_sr(
     *,
     procedure_reported: Code | None = None,
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
+    numbers: dict[int, int] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Report ``prediction``'s findings as a TID 1500 Comprehensive 3D SR beside ``seg``.
 
@@ -229,7 +230,8 @@ def build_sr(
     ``seg`` is what that function built from the same prediction, or ``None`` when the label
     map is empty (a negative result has no SEG but still gets its report).
     ``procedure_reported`` defaults to the CID 100 code of the source modality. The SOP
-    Instance and Series Instance UIDs derive from ``job_id``.
+    Instance and Series Instance UIDs derive from ``job_id``. ``numbers``: as for
+    :func:`~pacs_ai.results.seg.build_seg`.
 
     Raises ``ValueError`` when there is nothing to report (no finding and no presence) or the
     inputs do not belong together.
@@ -237,7 +239,8 @@ def build_sr(
     if not source_images:
         raise ValueError("at least one source image is required")
     study_uid = source_images[0].StudyInstanceUID
-    numbers = segment_numbers(prediction, manifest)
+    if numbers is None:
+        numbers = segment_numbers(prediction, manifest)
     n_segments = 0 if seg is None else len(seg.SegmentSequence)
     if len(numbers) != n_segments:
         raise ValueError(f"the SEG has {n_segments} segments, the prediction {len(numbers)}")

@@ -108,7 +108,8 @@ def claim(request: Request, job_id: int, body: Claim) -> Json:
     if job is None:
         raise HTTPException(409, f"job {job_id} is not claimable (done, canceled or running)")
     logger.info("job %d claimed by remote worker %s (attempt %d)", job_id, body.worker, job.attempt)
-    return {"job": job_json(job), "lease_s": link.lease_s, "instances": link.source_count(job)}
+    # How many instances the series holds comes with the series itself (X-Instance-Count).
+    return {"job": job_json(job), "lease_s": link.lease_s}
 
 
 @router.post("/jobs/{job_id}/lease")
