@@ -23,11 +23,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode, encode
 from sqlalchemy import Engine, select
 
-from pacs_ai.config import PeerSettings, Settings, load_settings
+from pacs_ai.config import NodeSettings, PeerSettings, Settings, StorageSettings, load_settings
 from pacs_ai.dicom import commitment
 from pacs_ai.dicom.commitment import Reference
 from pacs_ai.dicom.contexts import STORAGE_COMMITMENT_PUSH_MODEL
@@ -484,3 +484,41 @@ def test_node_results_committed_by_orthanc_then_purged(
         assert not node.stored_path(study.files[0]).exists()
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize(
+    "event_type, status",
+    [
+        (3, 0x0113),  # no such event type
+        (2, 0x0115),  # "failures exist" without a Failed SOP Sequence: a bad argument
+        (1, 0x0000),  # a well-formed report (for no known transaction: logged, kept)
+    ],
+)
+def test_a_report_gets_the_status_its_fault_deserves(
+    tmp_path: Path, engine: Engine, event_type: int, status: int
+) -> None:
+    settings = Settings(
+        node=NodeSettings(bind="127.0.0.1", dicom_port=free_port(), data_dir=tmp_path),
+        storage=StorageSettings(reserve_mb=0),
+    )
+    spool = Spool(tmp_path, reserve_bytes=0)
+    spool.prepare()
+    receiver = Receiver(settings, Ingest(spool, engine))
+    receiver.start()
+    try:
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
+        role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scp_role=True)
+        assoc = ae.associate(
+            "127.0.0.1", settings.node.dicom_port, ae_title="PACSAI", ext_neg=[role]
+        )
+        assert assoc.is_established
+        ref = Reference("1.2.840.10008.5.1.4.1.1.2", generate_uid())
+        info = commitment.event_information(generate_uid(), [ref], [])
+        answer, _ = assoc.send_n_event_report(
+            info, event_type, STORAGE_COMMITMENT_PUSH_MODEL, commitment.STORAGE_COMMITMENT_INSTANCE
+        )
+        assoc.release()
+        assert answer.Status == status
+    finally:
+        receiver.stop(1)

@@ -195,11 +195,14 @@ def handle_event_report(event: Any, sink: ReportSink) -> tuple[int, Dataset | No
     try:
         if str(event.request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH_MODEL:
             return NO_SUCH_SOP_CLASS, None
-        report = parse_report(int(event.event_type), event.event_information)
+        event_type = int(event.event_type)
+        if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
+            logger.warning("storage commitment report from %s: event type %d", calling, event_type)
+            return NO_SUCH_EVENT_TYPE, None
+        report = parse_report(event_type, event.event_information)
     except ValueError as exc:
         logger.warning("storage commitment report from %s refused: %s", calling, exc)
-        status = NO_SUCH_EVENT_TYPE if "Event Type" in str(exc) else INVALID_ARGUMENT_VALUE
-        return status, None
+        return INVALID_ARGUMENT_VALUE, None
     except Exception:
         logger.exception("storage commitment report from %s could not be read", calling)
         return PROCESSING_FAILURE, None
