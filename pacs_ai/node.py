@@ -16,7 +16,6 @@ import multiprocessing.queues
 import multiprocessing.synchronize
 import os
 import signal
-import socket
 import threading
 import time
 import warnings
@@ -29,7 +28,7 @@ import pydicom.config
 from pacs_ai.audit.events import AuditEvent, Kind
 from pacs_ai.audit.trail import Auditor, record_start
 from pacs_ai.config import Settings
-from pacs_ai.dicom.scp import ListeningSockets, Receiver, open_listening_sockets
+from pacs_ai.dicom.scp import ListeningSockets, Receiver, bind_port, open_listening_sockets
 from pacs_ai.errors import ConfigError, NetworkError
 from pacs_ai.pipeline.assemble import Assembler, CompletionListener
 from pacs_ai.pipeline.queues import broker_reachable
@@ -84,13 +83,9 @@ def _check_port_free(settings: Settings) -> None:
     ports = [("DICOM", node.dicom_port, "node.dicom_port")]
     if settings.tls.port:
         ports.append(("DICOM TLS", settings.tls.port, "tls.port"))
-    family = socket.AF_INET6 if ":" in node.bind else socket.AF_INET
     for what, port, key in ports:
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        # SO_REUSEADDR so that connections in TIME_WAIT from a previous run do not count.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((node.bind, port))
+            bind_port(node.bind, port).close()
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise NetworkError(
@@ -98,8 +93,6 @@ def _check_port_free(settings: Settings) -> None:
                     f"or PACS?); stop it or set {key}"
                 ) from None
             raise NetworkError(f"cannot listen on {node.bind}:{port}: {exc.strerror}") from None
-        finally:
-            probe.close()
 
 
 def _check_rule_models(settings: Settings) -> None:

@@ -7,6 +7,7 @@ by asking the process (C-ECHO, HTTP), never by sleeping a fixed time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -173,6 +174,21 @@ class NodeProcess:
                 f"node exited with {self.process.returncode}:\n{self.log.read_text()}"
             )
         return echoscu_ok(self.ae_title, self.port, self.probe_ae)
+
+    def children(self) -> list[int]:
+        """The running node's child processes, from /proc."""
+        assert self.process is not None
+        pid = self.process.pid
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    def receiver_pids(self) -> list[int]:
+        """Its spawned receiver processes (multiprocessing's resource tracker is not one)."""
+        found = []
+        for kid in self.children():
+            with contextlib.suppress(FileNotFoundError):  # gone since the listing
+                if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    found.append(kid)
+        return found
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -183,13 +184,7 @@ def test_several_receiver_processes_share_one_port(
     node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth
 ) -> None:
     node = node_factory(tmp_path / "multi", receivers=2).start()
-    assert node.process is not None
-    children = (
-        Path(f"/proc/{node.process.pid}/task/{node.process.pid}/children").read_text().split()
-    )
-    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
-    # multiprocessing also starts its resource tracker; the receivers are the spawned workers.
-    receivers = [int(pid) for pid, c in zip(children, cmdlines, strict=True) if b"spawn_main" in c]
+    receivers = node.receiver_pids()
     assert len(receivers) == 2, "expected two receiver processes"
     # Associations go to the least busy receiver, not wherever a hash sends them: four opened
     # one after another end up two and two. The port answers as soon as one receiver is up,
@@ -206,9 +201,9 @@ def test_several_receiver_processes_share_one_port(
             assoc.release()
     files = [str(f) for f in chest_ct.files if f.parent.name == "002"]
     senders = [
-        __import__("subprocess").Popen(
+        subprocess.Popen(
             ["/usr/bin/storescu", "-aec", "PACSAI", "127.0.0.1", str(node.port), *files[k::4]],
-            env={**__import__("os").environ, "TCP_NODELAY": "1"},
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
         for k in range(4)
     ]
@@ -225,17 +220,10 @@ def test_a_receiver_that_dies_is_replaced_and_shares_the_work_again(
 ) -> None:
     node = node_factory(tmp_path / "replace", receivers=2).start()
     wait_for(lambda: b"receiver processes share" in node.log.read_bytes(), 30, "receivers up")
-    assert node.process is not None
-    pid = node.process.pid
-
-    def receivers() -> list[int]:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
-
-    first = receivers()
+    first = node.receiver_pids()
     os.kill(first[0], 9)
     wait_for(lambda: b"restarting" in node.log.read_bytes(), 30, "the node to notice")
-    wait_for(lambda: len(set(receivers()) - {first[0]}) == 2, 60, "a new receiver")
+    wait_for(lambda: len(set(node.receiver_pids()) - {first[0]}) == 2, 60, "a new receiver")
     # The survivor answers the port meanwhile; wait for the new one to say it listens too.
     wait_for(lambda: node.log.read_bytes().count(b"listening for DICOM") >= 3, 60, "listening")
     ae = AE(ae_title="BALANCE")
@@ -243,7 +231,7 @@ def test_a_receiver_that_dies_is_replaced_and_shares_the_work_again(
     held = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
     try:
         assert all(a.is_established for a in held)
-        assert sorted(_connections_held(receivers(), node.port).values()) == [2, 2]
+        assert sorted(_connections_held(node.receiver_pids(), node.port).values()) == [2, 2]
     finally:
         for assoc in held:
             assoc.release()

@@ -112,10 +112,7 @@ def test_receivers_of_a_killed_node_stop_and_free_the_port(
     node = node_factory(tmp_path / "node", receivers=2).start()
     assert node.process is not None
     pid = node.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    receivers = [
-        kid for kid in children if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes()
-    ]
+    children, receivers = node.children(), node.receiver_pids()
     assert len(receivers) == 2
     # Only the node itself, as the OOM killer would: no handler runs, nobody tells the
     # receivers to stop.
@@ -124,7 +121,7 @@ def test_receivers_of_a_killed_node_stop_and_free_the_port(
     wait_for(lambda: not any(_alive(kid) for kid in receivers), 15, "the receivers to stop")
     for kid in children:  # the rest of the tree (embedded worker, Redis) is not under test
         if _alive(kid):
-            kill_tree(int(kid))
+            kill_tree(kid)
     # The port is free again: the node starts on it and takes images.
     node.process = None
     node.log_file.close()
@@ -134,7 +131,7 @@ def test_receivers_of_a_killed_node_stop_and_free_the_port(
     assert stored.returncode == 0, stored.stderr
 
 
-def _alive(pid: str) -> bool:
+def _alive(pid: int) -> bool:
     """Running, not a zombie left for a parent that is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()

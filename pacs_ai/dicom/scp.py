@@ -93,13 +93,23 @@ def open_listening_sockets(settings: Settings, loads: Any) -> ListeningSockets:
     return ListeningSockets(dicom, tls, loads)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def bind_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, not yet listening; OSError if that is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # As pynetdicom does: connections in TIME_WAIT from a previous run do not block us.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = bind_port(host, port)
+    try:
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
