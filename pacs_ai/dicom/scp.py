@@ -564,20 +564,16 @@ class Receiver:
         ssl_context: ssl.SSLContext | None,
         listening: socket.socket | None,
     ) -> ThreadedAssociationServer:
-        address = (self.settings.node.bind, port)
-        if listening is None:
-            server = self.ae.make_server(
-                address, evt_handlers=handlers, server_class=NodeServer, ssl_context=ssl_context
-            )
-        else:
-            server = self.ae.make_server(
-                address,
-                evt_handlers=handlers,
-                server_class=SharedSocketServer,
-                ssl_context=ssl_context,
-                listening=listening,
-                load=self.load,
-            )
+        shared: dict[str, Any] = {}
+        if listening is not None:
+            shared = {"listening": listening, "load": self.load}
+        server = self.ae.make_server(
+            (self.settings.node.bind, port),
+            evt_handlers=handlers,
+            server_class=NodeServer if listening is None else SharedSocketServer,
+            ssl_context=ssl_context,
+            **shared,
+        )
         cast(NodeServer, server).handshake_timeout_s = self.settings.tls.handshake_timeout_s
         cast(NodeServer, server).auditor = self.auditor
         # What AE.start_server(block=False) does, which cannot take a server class.
