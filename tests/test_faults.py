@@ -90,8 +90,9 @@ def test_redis_lost_mid_run_loses_no_job_and_doubles_none(
         # Once the worker runs the first job, the other two wait as messages in Redis.
         wait_for(lambda: jobs_by_state(node).get("QUEUED", 0) >= 1, 120, "jobs on the queue")
         redis.kill()
+        # Back, empty (no persistence): every queued message is gone. Not asserted here: the
+        # node's reconciler may already be sending the jobs again.
         redis.start()
-        assert redis.queued() == []  # back, empty: every queued message is gone
 
         def all_delivered() -> bool:
             return jobs_by_state(node) == {"DELIVERED": 3}
