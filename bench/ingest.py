@@ -15,7 +15,10 @@ What it measures
     receiver then holds N instances. Receivers take turns round by round (pacs-ai, Orthanc,
     storescp, pacs-ai, ...), each round starting from an empty storage folder, and the table
     gives median, min and max over the rounds with the ratios pacs-ai/Orthanc (target ≥ 1.0)
-    and pacs-ai/storescp, plus the share of CPU time busy during each send (from /proc/stat).
+    and pacs-ai/storescp, plus the share of CPU time busy during each send (from /proc/stat)
+    and the CPU milliseconds per image spent by the receiver's processes (rx, from
+    /proc/PID/stat over its process tree) and by the storescu senders (tx, from getrusage).
+    On a machine with fewer cores than busy processes, rx + tx is what bounds images/s.
 
     Every process gets ``TCP_NODELAY=1``: dcmtk's tools and Orthanc turn Nagle off only with it.
 
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -94,6 +98,30 @@ def cpu_times() -> tuple[int, int]:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     total = sum(fields[:8])  # guest time is already counted in user/nice
     return total - idle, total
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and every process below it."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                text = stat.read()
+        except OSError:
+            continue  # exited meanwhile
+        fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
@@ -331,6 +359,8 @@ class RoundResult:
     received: int
     ok: bool
     problem: str = ""
+    receiver_cpu_ms: float = 0.0  # CPU time of the receiver's processes per image
+    sender_cpu_ms: float = 0.0  # CPU time of the storescu processes per image
 
 
 def send_all(storescu: str, ae_title: str, port: int, files: list[Path], logdir: Path) -> list[int]:
@@ -376,11 +406,19 @@ def run_round(
         shutil.rmtree(workdir, ignore_errors=True)
         return RoundResult(receiver.name, index, 0.0, 0.0, 0.0, 0, False, str(exc))
     try:
+        assert receiver.proc is not None
         cpu_before = cpu_times()
+        receiver_before = tree_cpu_s(receiver.proc.pid)
+        senders_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         codes = send_all(tools["storescu"], receiver.ae_title, receiver.port, files, workdir)
         seconds = time.perf_counter() - started
         cpu = busy_share(cpu_before, cpu_times())
+        receiver_cpu = tree_cpu_s(receiver.proc.pid) - receiver_before
+        senders_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sender_cpu = (senders_after.ru_utime + senders_after.ru_stime) - (
+            senders_before.ru_utime + senders_before.ru_stime
+        )
         received = settled_count(receiver, n)
         problems = []
         if any(codes):
@@ -397,6 +435,8 @@ def run_round(
             received,
             not problems,
             "; ".join(problems),
+            receiver_cpu * 1000 / n,
+            sender_cpu * 1000 / n,
         )
     finally:
         receiver.stop()
@@ -418,6 +458,12 @@ def summarise(results: list[RoundResult], names: list[str]) -> dict[str, dict[st
             "min": min(rates) if rates else None,
             "max": max(rates) if rates else None,
             "cpu_busy_median": statistics.median(r.cpu_busy for r in good) if good else None,
+            "receiver_cpu_ms_median": (
+                statistics.median(r.receiver_cpu_ms for r in good) if good else None
+            ),
+            "sender_cpu_ms_median": (
+                statistics.median(r.sender_cpu_ms for r in good) if good else None
+            ),
         }
     return summary
 
@@ -450,7 +496,10 @@ def print_report(
 ) -> dict[str, float | None]:
     print()
     print(f"{images} CT images 512×512, {senders} parallel storescu associations, images/s:")
-    header = f"{'receiver':<10} {'median':>8} {'min':>8} {'max':>8} {'rounds':>7} {'cpu busy':>9}"
+    header = (
+        f"{'receiver':<10} {'median':>8} {'min':>8} {'max':>8} {'rounds':>7} {'cpu busy':>9}"
+        f" {'rx ms/img':>10} {'tx ms/img':>10}"
+    )
     print(header)
     print("-" * len(header))
     for name, row in summary.items():
@@ -458,7 +507,8 @@ def print_report(
         cpu = fmt(row["cpu_busy_median"] * 100, ".0f") + "%" if row["cpu_busy_median"] else "-"
         print(
             f"{name:<10} {fmt(row['median']):>8} {fmt(row['min']):>8} {fmt(row['max']):>8} "
-            f"{rounds:>7} {cpu:>9}"
+            f"{rounds:>7} {cpu:>9} {fmt(row['receiver_cpu_ms_median'], '.2f'):>10}"
+            f" {fmt(row['sender_cpu_ms_median'], '.2f'):>10}"
         )
     ratios = {
         "pacs-ai/orthanc": ratio(summary, "pacs-ai", "orthanc"),
@@ -524,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"round {index} {receiver.name:<9} {result.images_per_s:8.1f} images/s "
                     f"{result.seconds:6.2f} s  cpu {result.cpu_busy * 100:3.0f}%  "
+                    f"rx {result.receiver_cpu_ms:.2f} tx {result.sender_cpu_ms:.2f} ms/img  "
                     f"received {result.received}  {state}",
                     flush=True,
                 )

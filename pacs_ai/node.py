@@ -144,6 +144,7 @@ def _receiver_process(
             logger.error("the node (pid %d) is gone; this receiver stops", node)
             break
     receiver.stop(settings.node.drain_timeout_s)
+    ingest.close()
 
 
 LOAD_OF_A_GONE_RECEIVER = 1 << 20
@@ -339,5 +340,5 @@ class Node:
                 runtime.stop(settings.node.drain_timeout_s + 20)
             auditor.record(AuditEvent(Kind.APPLICATION_STOP, actor=auditor.source_id))
             auditor.close()
-            ingest.engine.dispose()
+            ingest.close()
             logger.info("pacs-ai stopped")

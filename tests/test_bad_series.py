@@ -100,4 +100,4 @@ def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
     )  # no destination: the results stay on the node
     # The worker's own stages: the model's load apart from reading the series.
     assert set(json.loads(done.timings)) == set(WORKER_STAGES)
-    ingest.engine.dispose()
+    ingest.close()

@@ -223,10 +223,9 @@ commitment_max_requests = 2
     spool = Spool(settings.node.data_dir, 0)
     spool.prepare(clean_tmp=True)
     clock = [time.time()]
-    yield Rig(
-        settings, engine, spool, Ingest(spool, engine, clock=lambda: clock[0]), orthanc, clock
-    )
-    engine.dispose()
+    ingest = Ingest(spool, engine, clock=lambda: clock[0])
+    yield Rig(settings, engine, spool, ingest, orthanc, clock)
+    ingest.close()
 
 
 def _orthanc_delete(orthanc: OrthancProcess, sop_instance_uid: str) -> None:

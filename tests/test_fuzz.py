@@ -113,9 +113,9 @@ def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
     spool = Spool(data_dir, 0)
     spool.prepare(clean_tmp=True)
     with index_database(data_dir / "index.sqlite3") as url:
-        engine = open_database(url)
-        yield Ingest(spool, engine)
-        engine.dispose()
+        ingest = Ingest(spool, open_database(url))
+        yield ingest
+        ingest.close()
 
 
 @settings(

@@ -6,10 +6,11 @@ import threading
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from pacs_ai.dicom.header import InstanceHeader, read_header
 from pacs_ai.storage import index
+from pacs_ai.storage.db import open_database
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, instances
 from tests.realdata import real_file
 
@@ -93,3 +94,38 @@ def test_a_batch_reopens_a_complete_study_once(engine: Engine) -> None:
     (study,) = index.list_studies(engine)
     assert (study.state, study.reopened, study.instance_count) == (RECEIVING, 1, 9)
     assert study.state != COMPLETE
+
+
+def test_the_kept_connection_goes_back_to_the_pool_on_close(engine: Engine) -> None:
+    rec = index.InstanceRecorder(engine)
+    assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
+    assert rec.record(_instance(1), "MOD", "1.dcm", 10, now=2.0)
+    assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # one, kept
+    rec.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert rec.record(_instance(2), "MOD", "2.dcm", 10, now=3.0)  # and still usable
+    rec.close()
+
+
+@pytest.mark.postgres
+def test_a_kept_connection_the_server_ended_is_replaced(postgres_url: str) -> None:
+    engine = open_database(postgres_url)
+    try:
+        rec = index.InstanceRecorder(engine)
+        assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
+        # What a PostgreSQL restart does to every open connection.
+        with engine.connect() as admin:
+            ended = admin.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        assert ended == 1
+        assert rec.record(_instance(1), "MOD", "1.dcm", 10, now=2.0)
+        assert not rec.record(_instance(1), "MOD", "1.dcm", 10, now=3.0)  # seen: a duplicate
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 2
+        rec.close()
+    finally:
+        engine.dispose()

@@ -134,12 +134,12 @@ def receiver(tmp_path: Path) -> Iterator[scp.Receiver]:
     spool = Spool(tmp_path, reserve_bytes=0)
     spool.prepare()
     with index_database(tmp_path / "index.sqlite3") as url:
-        engine = open_database(url)
-        receiver = scp.Receiver(settings, Ingest(spool, engine))
+        ingest = Ingest(spool, open_database(url))
+        receiver = scp.Receiver(settings, ingest)
         receiver.start()
         yield receiver
         receiver.stop(drain_timeout_s=2)
-        engine.dispose()
+        ingest.close()
 
 
 def _associate(port: int) -> Any:

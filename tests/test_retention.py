@@ -118,7 +118,7 @@ def test_only_delivered_studies_past_keep_days_are_purged(engine: Engine, tmp_pa
         update={"retention": settings.retention.model_copy(update={"purge_failed": True})}
     )
     assert [p.study_id for p in retention.candidates(engine, lenient, later)] == [failed]
-    engine.dispose()
+    ingest.close()  # its connections too: the CLI below opens the database on its own
 
     # The CLI's dry run lists nothing while a job still runs, and removes nothing.
     def cli(*args: str) -> dict[str, object]:

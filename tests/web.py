@@ -46,7 +46,7 @@ def web_client(
             with TestClient(create_app(ctx)) as client:
                 yield client, ctx
         finally:
-            ingest.engine.dispose()
+            ingest.close()
 
 
 def bearer(ctx: WebContext, role: str, name: str = "", peer: str = "") -> dict[str, str]:

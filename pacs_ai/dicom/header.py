@@ -4,15 +4,19 @@
 every undefined-length sequence is closed) and pulls out the attributes used to file, route
 and list the instance. It never decodes pixels and never re-encodes anything.
 
-The walk that checks completeness also picks up the few top-level elements the header needs,
-and pydicom converts just those (same hooks, same character sets): parsing the whole header
-with ``dcmread`` as well cost three times the rest of the read. Where the bytes are unusual
-enough that the walk might see them differently from pydicom (odd file meta, a VR switch,
-an undefined-length value), the header comes from ``dcmread`` as before.
+The walk that checks completeness also picks up the few top-level elements the header needs:
+parsing the whole header with ``dcmread`` as well cost three times the rest of the read. Where
+the bytes are unusual enough that the walk might see them differently from pydicom (odd file
+meta, a VR switch, an undefined-length value), the header comes from ``dcmread`` as before.
+
+Converting those elements with pydicom was still most of the read, so the common ones are
+decoded here straight from their bytes, reproducing pydicom's conversion step for step (see
+:func:`_header_from_walk`); anything less plain goes through pydicom as before.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -20,11 +24,12 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, cast
 
-from pydicom import dcmread
-from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import tag_for_keyword
+from pydicom import config, dcmread
+from pydicom.charset import convert_encodings, default_encoding, python_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.errors import InvalidDicomError
+from pydicom.hooks import hooks, raw_element_value, raw_element_vr
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
@@ -33,7 +38,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
-from pydicom.valuerep import VR
+from pydicom.valuerep import VR, validate_value
 
 # PS3.5 7.1.2: these VRs carry a 4-byte length after two reserved bytes in explicit VR.
 _LONG_VRS = frozenset(
@@ -122,12 +127,13 @@ def _read_with_dcmread(data: bytes) -> InstanceHeader:
 
 def _read_walked(data: bytes) -> InstanceHeader | None:
     """The header from the completeness walk, or None where only ``dcmread`` can vouch for it."""
-    meta = _file_meta(data)
+    direct = _pydicom_as_shipped()
+    meta = _file_meta(data, direct)
     if meta is None:
         return None
     start, ts_element = meta
     try:
-        tsuid = str(convert_raw_data_element(ts_element, encoding=default_encoding).value)
+        tsuid = _transfer_syntax(ts_element, direct)
     except Exception:
         return None
     if not tsuid:
@@ -135,21 +141,187 @@ def _read_walked(data: bytes) -> InstanceHeader | None:
     walker = _walk(data, start, tsuid, capture=True)
     if walker.odd or walker.explicit == _pydicom_finds_implicit(walker.buf, tsuid):
         return None
-    found = walker.found
     try:
-        encoding: str | list[str] = default_encoding
-        if _CHARSET_TAG in found:
-            encoding = convert_encodings(convert_raw_data_element(found[_CHARSET_TAG]).value)
-        values = {
-            keyword: convert_raw_data_element(found[tag], encoding=encoding).value
-            for tag, keyword in _TAG_KEYWORDS.items()
-            if tag in found
-        }
-        header = _header_from(values, tsuid)
+        header = _header_from_walk(walker, tsuid, direct)
     except Exception:
         return None
     _check_pixels(header, walker.has_pixels)
     return header
+
+
+def _pydicom_as_shipped() -> bool:
+    """Whether pydicom converts values as the direct decoding assumes: its default settings.
+
+    Hooks, callbacks and the numpy/Decimal/datetime options change what a value becomes; under
+    RAISE, values the direct decoding accepts could still fail pydicom's checks.
+    """
+    return (
+        config.data_element_callback is None
+        and hooks.raw_element_vr is raw_element_vr
+        and hooks.raw_element_value is raw_element_value
+        and not hooks.raw_element_kwargs
+        and config.settings.reading_validation_mode != config.RAISE
+        and not config.datetime_conversion
+        and not (config.use_DS_numpy or config.use_IS_numpy or config.use_DS_decimal)
+    )
+
+
+def _transfer_syntax(raw: RawDataElement, direct: bool) -> str:
+    value = raw.value
+    if direct and raw.VR == "UI" and value and b"\\" not in value:
+        return _uid("UI", value, None, config.settings.reading_validation_mode)
+    # str() of a multi-valued UID is a list's repr: pydicom's answer, kept as it was.
+    return str(convert_raw_data_element(raw, encoding=default_encoding).value)
+
+
+def _header_from_walk(walker: _Walker, tsuid: str, direct: bool) -> InstanceHeader:
+    """The header from the elements the walk kept, as pydicom would convert them.
+
+    With ``direct``, an element written with its dictionary VR (or in implicit VR, where
+    pydicom takes the dictionary VR) is decoded here; one the decoder cannot vouch for
+    (:class:`_NotPlain`) and any other VR go through pydicom, as does text under a Specific
+    Character Set outside :data:`_PLAIN_CHARSETS`.
+    """
+    found = walker.found
+    encoding = _plain_encoding(walker) if direct else None
+    pydicom_encoding: str | list[str] = default_encoding
+    if encoding is not None:
+        pydicom_encoding = [encoding]
+    elif _CHARSET_TAG in found:
+        charset = convert_raw_data_element(walker.raw_element(_CHARSET_TAG)).value
+        pydicom_encoding = convert_encodings(charset)
+    mode = config.settings.reading_validation_mode
+    fields: dict[str, Any] = {}
+    for name, tag, vr, read in _SOURCES:
+        entry = found.get(tag)
+        if entry is None:
+            fields[name] = read(None)
+            continue
+        if direct and entry[0] in (None, vr):
+            if not entry[1]:
+                # pydicom gives an empty value ("", None or an empty PersonName): all read alike.
+                fields[name] = read(None)
+                continue
+            try:
+                fields[name] = _DECODERS[vr](vr, walker.value(tag), encoding, mode)
+                continue
+            except _NotPlain:
+                pass
+        raw = walker.raw_element(tag)
+        fields[name] = read(convert_raw_data_element(raw, encoding=pydicom_encoding).value)
+    return InstanceHeader(transfer_syntax_uid=tsuid, **fields)
+
+
+# Specific Character Sets under which pydicom decodes a text value free of escape sequences
+# with one Python codec and nothing else: ASCII (as Latin-1, like pydicom), Latin-1, UTF-8.
+_PLAIN_CHARSETS = {
+    name: python_encoding[name]
+    for name in ("ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192")
+} | {"": default_encoding}
+
+
+def _plain_encoding(walker: _Walker) -> str | None:
+    """The codec for SH, LO and PN values, or None where pydicom must handle the charset."""
+    entry = walker.found.get(_CHARSET_TAG)
+    if entry is None:
+        return default_encoding
+    if entry[0] not in (None, "CS"):
+        return None
+    # As pydicom reads the CS value; several values (code extensions) are never plain.
+    name = walker.value(_CHARSET_TAG).decode(default_encoding).rstrip(" \0")
+    return _PLAIN_CHARSETS.get(name)
+
+
+class _NotPlain(Exception):
+    """The value is one the direct decoding does not reproduce; pydicom converts it."""
+
+
+# Each decoder reproduces pydicom's converter for the VR (pydicom.values) followed by the
+# field's reader (_text, _int, _float) for a value of non-zero length; it calls pydicom's
+# validate_value where pydicom's reading does, so WARN mode warns alike.
+def _string(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
+    # CS, DA, TM (convert_string): Latin-1 whatever the character set, padding cut from the
+    # end of the whole value only.
+    return _joined(value.decode(default_encoding).rstrip(" \0").split("\\"))
+
+
+def _uid(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
+    # convert_UI, then UID(), which validates each value and strips it.
+    items = value.decode(default_encoding).rstrip("\0 ").split("\\")
+    for item in items:
+        validate_value("UI", item, mode)
+    return "\\".join(item.strip() for item in items)
+
+
+def _short_or_long(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
+    # SH, LO (convert_text): each value validated, then cut off trailing NULs and spaces.
+    parts = _decoded(value, encoding).split("\\")
+    for part in parts:
+        validate_value(vr, part, mode)
+    return _joined([part.rstrip("\0 ") for part in parts])
+
+
+def _person_name(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
+    # convert_PN: str() of each PersonName joins its component groups without empty
+    # trailing ones.
+    names = []
+    for name in _decoded(value.rstrip(b"\0 "), encoding).split("\\"):
+        validate_value("PN", name, mode)
+        groups = name.split("=")
+        while groups and not groups[-1]:
+            groups.pop()
+        names.append("=".join(groups))
+    return _joined(names)
+
+
+# Valid IS and DS values (PS3.5 6.2, as pydicom's validators read them): IS() and DSfloat()
+# take them without a warning and hold int(value) / float(value). Anything else (several
+# values, "1.0", "nan", over-long) goes to pydicom, whose fallbacks are its own business.
+_IS_VALUE = re.compile(r" *[+-]?[0-9]+")
+_DS_VALUE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _integer_string(vr: str, value: bytes, encoding: str | None, mode: int) -> int:
+    item = value.decode(default_encoding).rstrip(" \0")
+    if len(item) > 12 or not _IS_VALUE.fullmatch(item):
+        raise _NotPlain
+    return int(item)
+
+
+def _decimal_string(vr: str, value: bytes, encoding: str | None, mode: int) -> float:
+    item = value.decode(default_encoding).strip().rstrip(" \0")
+    if not _DS_VALUE.fullmatch(item):
+        raise _NotPlain
+    return float(item)
+
+
+def _decoded(value: bytes, encoding: str | None) -> str:
+    # pydicom's decode_bytes without escape sequences: one codec; on failure it substitutes
+    # replacement characters and warns, which we leave to it.
+    if encoding is None or b"\x1b" in value:
+        raise _NotPlain
+    try:
+        return value.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise _NotPlain from exc
+
+
+def _joined(values: list[str]) -> str:
+    # _text: a single value stripped, several joined as they are.
+    return values[0].strip() if len(values) == 1 else "\\".join(values)
+
+
+_DECODERS: dict[str, Callable[[str, bytes, str | None, int], Any]] = {
+    "CS": _string,
+    "DA": _string,
+    "TM": _string,
+    "UI": _uid,
+    "SH": _short_or_long,
+    "LO": _short_or_long,
+    "PN": _person_name,
+    "IS": _integer_string,
+    "DS": _decimal_string,
+}
 
 
 def _check_pixels(header: InstanceHeader, has_pixels: bool) -> None:
@@ -159,7 +331,7 @@ def _check_pixels(header: InstanceHeader, has_pixels: bool) -> None:
         raise MalformedDataset("image object without Pixel Data (truncated?)")
 
 
-def _file_meta(data: bytes) -> tuple[int, RawDataElement] | None:
+def _file_meta(data: bytes, direct: bool = False) -> tuple[int, RawDataElement] | None:
     """Where the data set starts and the raw Transfer Syntax UID, read as pydicom reads them.
 
     None for anything pydicom might read differently: no DICM, a meta group that is not
@@ -195,8 +367,10 @@ def _file_meta(data: bytes) -> tuple[int, RawDataElement] | None:
             False,
             True,
         )
-        if offset == 132 and not _converts(raw):
-            # dcmread converts the first meta element to check the encoding, and fails here.
+        # dcmread converts the first meta element to check the encoding; we refuse where that
+        # fails. A 4-byte UL (the usual group length) always converts under default settings.
+        plain_ul = direct and vr == b"UL" and length == 4
+        if offset == 132 and not plain_ul and not _converts(raw):
             return None
         if element == 0x0000 and vr == b"UL" and length == 4:
             group_length = struct.unpack("<I", raw.value or b"")[0]
@@ -286,8 +460,9 @@ class _Walker:
         self.prefix = "<" if little else ">"
         self.has_pixels = False
         self.capture = capture
-        # Top-level elements the header needs, as pydicom's reader would have yielded them.
-        self.found: dict[int, RawDataElement] = {}
+        # Top-level elements the header needs: VR as written (None in implicit VR), length
+        # and where the value starts in buf.
+        self.found: dict[int, tuple[str | None, int, int]] = {}
         # Set where pydicom's reader might see these bytes differently from this walk.
         self.odd = False
 
@@ -349,15 +524,19 @@ class _Walker:
         if length == _UNDEFINED:
             self.odd = True
             return
-        raw_vr = vr.decode(default_encoding) if self.explicit else None
+        self.found[tag] = (vr.decode(default_encoding) if self.explicit else None, length, offset)
+
+    def value(self, tag: int) -> bytes:
+        _, length, offset = self.found[tag]
+        return bytes(self.buf[offset : offset + length])
+
+    def raw_element(self, tag: int) -> RawDataElement:
+        """A kept element as pydicom's reader would have yielded it."""
+        vr, length, offset = self.found[tag]
         # An empty value is what pydicom's reader puts in a raw element: b"" or None.
-        value = (
-            bytes(self.buf[offset : offset + length])
-            if length
-            else cast(bytes | None, empty_value_for_VR(raw_vr, raw=True))
-        )
-        self.found[tag] = RawDataElement(
-            BaseTag(tag), raw_vr, length, value, offset, not self.explicit, self.little
+        value = self.value(tag) if length else cast(bytes | None, empty_value_for_VR(vr, raw=True))
+        return RawDataElement(
+            BaseTag(tag), vr, length, value, offset, not self.explicit, self.little
         )
 
     def items(self, offset: int, end: int, depth: int) -> int:
@@ -427,8 +606,13 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "image_type": ("ImageType", _text),
 }
 _KEYWORDS = tuple(keyword for keyword, _ in _FIELDS.values())
-_TAG_KEYWORDS = {int(tag_for_keyword(keyword) or 0): keyword for keyword in _KEYWORDS}
-_WANTED_TAGS = frozenset([*_TAG_KEYWORDS, _CHARSET_TAG])
+# InstanceHeader field -> (tag, its dictionary VR, reader), in _FIELDS order.
+_SOURCES = tuple(
+    (name, tag, dictionary_VR(tag), read)
+    for name, (keyword, read) in _FIELDS.items()
+    for tag in [int(tag_for_keyword(keyword) or 0)]
+)
+_WANTED_TAGS = frozenset([*(tag for _, tag, _, _ in _SOURCES), _CHARSET_TAG])
 
 
 def _header_from(values: Mapping[str, Any], tsuid: str) -> InstanceHeader:

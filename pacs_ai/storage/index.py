@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, Row, and_, bindparam, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from pacs_ai.dicom.header import InstanceHeader
 from pacs_ai.storage.schema import (
@@ -182,6 +183,11 @@ class _Pending:
     done: bool = False
 
 
+def _close_kept(kept: list[Connection]) -> None:
+    while kept:
+        kept.pop().close()
+
+
 class InstanceRecorder:
     """Indexes stored instances; one per process, shared by its associations.
 
@@ -201,6 +207,12 @@ class InstanceRecorder:
         self._series_ids: dict[tuple[int, str], int] = {}
         self._queue: list[_Pending] = []
         self._writing = False
+        # Kept between batches, used by one writer at a time (``_writing``): checking a
+        # connection out of the pool and back in (a ping on PostgreSQL, a rollback on
+        # SQLite) cost as much Python time as the INSERT itself. A list, so that the
+        # finalizer can give it back to the pool without holding the recorder alive.
+        self._kept: list[Connection] = []
+        weakref.finalize(self, _close_kept, self._kept)
         self._turn = threading.Condition()
         greatest = func.max if engine.dialect.name == "sqlite" else func.greatest
         # RETURNING tells "inserted" from "conflict" on both dialects; rowcount does not
@@ -285,6 +297,27 @@ class InstanceRecorder:
             # A cached study or series row was removed (purge): forget the ids, try once more.
             self._forget_ids()
             return self._record(batch)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # The kept connection died (database restarted): what the pool's pre-ping would
+            # have caught at check-out. Nothing was committed; once more on a new one.
+            self._forget_ids()
+            return self._record(batch)
+
+    def _connection(self) -> Connection:
+        if self._kept and (self._kept[0].invalidated or self._kept[0].closed):
+            _close_kept(self._kept)
+        if not self._kept:
+            self._kept.append(self.engine.connect())
+        return self._kept[0]
+
+    def close(self) -> None:
+        """Give the kept connection back to the pool (the recorder stays usable)."""
+        with self._turn:
+            while self._writing:
+                self._turn.wait()
+            _close_kept(self._kept)
 
     def _forget_ids(self) -> None:
         # Ids learnt in a transaction that rolled back may name rows that never existed.
@@ -292,7 +325,8 @@ class InstanceRecorder:
         self._series_ids.clear()
 
     def _record(self, batch: list[_Pending]) -> list[bool]:
-        with self.engine.begin() as conn:
+        conn = self._connection()
+        with conn.begin():
             first: dict[str, int] = {}
             rows = []
             for i, item in enumerate(batch):

@@ -45,6 +45,11 @@ class Ingest:
         self.recorder = index.InstanceRecorder(engine)
         self.clock = clock
 
+    def close(self) -> None:
+        """Release the database connections; call once nothing stores any more."""
+        self.recorder.close()
+        self.engine.dispose()
+
     def store(
         self,
         data: bytes,
