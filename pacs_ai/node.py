@@ -144,6 +144,7 @@ def _receiver_process(
             logger.error("the node (pid %d) is gone; this receiver stops", node)
             break
     receiver.stop(settings.node.drain_timeout_s)
+    receiver.auditor.close()
     ingest.close()
 
 

@@ -178,8 +178,7 @@ class NodeProcess:
     def children(self) -> list[int]:
         """The running node's child processes, from /proc."""
         assert self.process is not None
-        pid = self.process.pid
-        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return children(self.process.pid)
 
     def receiver_pids(self) -> list[int]:
         """Its spawned receiver processes (multiprocessing's resource tracker is not one)."""
@@ -392,14 +391,22 @@ def pacs_and_node(orthanc: OrthancProcess, node: NodeProcess) -> tuple[OrthancPr
     return orthanc, node
 
 
+def children(pid: int) -> list[int]:
+    """A process's children, from /proc; none once it is gone."""
+    listing = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(kid) for kid in listing.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant, children first seen from /proc."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = children.read_text().split() if children.exists() else []
+    kids = children(pid)
     os.kill(pid, signal.SIGKILL)
     for kid in kids:
         if Path(f"/proc/{kid}").exists():
-            kill_tree(int(kid))
+            kill_tree(kid)
 
 
 def send_as(node: NodeProcess, calling_ae: str, files: list[Path]) -> None:

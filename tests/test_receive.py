@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -186,19 +187,9 @@ def test_several_receiver_processes_share_one_port(
     node = node_factory(tmp_path / "multi", receivers=2).start()
     receivers = node.receiver_pids()
     assert len(receivers) == 2, "expected two receiver processes"
-    # Associations go to the least busy receiver, not wherever a hash sends them: four opened
-    # one after another end up two and two. The port answers as soon as one receiver is up,
-    # so first wait for the node to say both are.
+    # The port answers as soon as one receiver is up: wait for the node to say both are.
     wait_for(lambda: b"receiver processes share" in node.log.read_bytes(), 30, "receivers up")
-    ae = AE(ae_title="BALANCE")
-    ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
-    try:
-        assert all(a.is_established for a in held)
-        assert sorted(_connections_held(receivers, node.port).values()) == [2, 2]
-    finally:
-        for assoc in held:
-            assoc.release()
+    _assert_split_evenly(node, receivers)
     files = [str(f) for f in chest_ct.files if f.parent.name == "002"]
     senders = [
         subprocess.Popen(
@@ -221,20 +212,12 @@ def test_a_receiver_that_dies_is_replaced_and_shares_the_work_again(
     node = node_factory(tmp_path / "replace", receivers=2).start()
     wait_for(lambda: b"receiver processes share" in node.log.read_bytes(), 30, "receivers up")
     first = node.receiver_pids()
-    os.kill(first[0], 9)
+    os.kill(first[0], signal.SIGKILL)
     wait_for(lambda: b"restarting" in node.log.read_bytes(), 30, "the node to notice")
     wait_for(lambda: len(set(node.receiver_pids()) - {first[0]}) == 2, 60, "a new receiver")
     # The survivor answers the port meanwhile; wait for the new one to say it listens too.
     wait_for(lambda: node.log.read_bytes().count(b"listening for DICOM") >= 3, 60, "listening")
-    ae = AE(ae_title="BALANCE")
-    ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
-    try:
-        assert all(a.is_established for a in held)
-        assert sorted(_connections_held(node.receiver_pids(), node.port).values()) == [2, 2]
-    finally:
-        for assoc in held:
-            assoc.release()
+    _assert_split_evenly(node, node.receiver_pids())
     files = [f for f in chest_ct.files if f.parent.name == "002"][:20]
     assert (
         dcmtk(
@@ -242,6 +225,22 @@ def test_a_receiver_that_dies_is_replaced_and_shares_the_work_again(
         ).returncode
         == 0
     )
+    (study,) = wait_complete(node)
+    assert study["instance_count"] == 20
+
+
+def _assert_split_evenly(node: NodeProcess, receivers: list[int]) -> None:
+    """Associations go to the least busy receiver, not wherever a hash sends them: four
+    opened one after another end up two and two."""
+    ae = AE(ae_title="BALANCE")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
+    try:
+        assert all(a.is_established for a in held)
+        assert sorted(_connections_held(receivers, node.port).values()) == [2, 2]
+    finally:
+        for assoc in held:
+            assoc.release()
 
 
 def _connections_held(pids: list[int], port: int) -> dict[int, int]:

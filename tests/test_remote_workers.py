@@ -9,6 +9,7 @@ the node's URL and a token) and Orthanc, which sends the studies and receives th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import ModelCache, RemoteWorkerContext, run_job
 from pacs_ai.pipeline.link import LeaseLost
 from pacs_ai.pipeline.node_client import NodeRefused, RemoteLink
-from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app
+from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app, send_item
 from pacs_ai.results.uids import SR_INSTANCE, SR_SERIES, result_uid
 from pacs_ai.storage.schema import RESULT
 from pacs_ai.web.context import WebContext
@@ -36,6 +37,7 @@ from tests.peers import (
     NodeProcess,
     OrthancProcess,
     RedisServer,
+    children,
     free_port,
     kill_tree,
     orthanc_as_peer,
@@ -81,11 +83,12 @@ def remote(tmp_path: Path) -> Iterator[Remote]:
         with web_client(tmp_path) as (_, ctx):
             app = create_app(ctx.settings, broker.url)
             # What AIRuntime.send_task does, onto a real Redis.
-            ctx.send_task = lambda name, item, queue, priority: app.send_task(
-                name, args=[item], queue=queue, priority=priority
-            )
-            with served(ctx) as url:
-                yield Remote(ctx, url, broker)
+            ctx.send_task = functools.partial(send_item, app)
+            try:
+                with served(ctx) as url:
+                    yield Remote(ctx, url, broker)
+            finally:
+                app.close()
     finally:
         broker.stop()
 
@@ -308,10 +311,8 @@ def test_two_workers_without_the_nodes_disk_process_studies_from_orthanc(
         job_rows = node.cli_json("jobs", "list")
         # Both remote workers ran jobs (a worker signs its claims host:pid).
         pids = {int(j["worker"].rsplit(":", 1)[1]) for j in job_rows}
-        pools = [
-            set(Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split()) for w in workers
-        ]
-        assert all(pids & {int(p) for p in pool} for pool in pools), (pids, pools)
+        pools = [set(children(w.pid)) for w in workers]
+        assert all(pids & pool for pool in pools), (pids, pools)
         for study in studies:
             found = results_in(orthanc, study.study_instance_uid)
             assert (len(found["SEG"]), len(found["SR"])) == (1, 1), study.study_instance_uid

@@ -81,11 +81,13 @@ def _tls_toml(pki: Pki, port: int, verify_clients: bool = True) -> str:
 
 
 @pytest.fixture
-def tls_node(tmp_path: Path, pki: Pki) -> NodeProcess:
+def tls_node(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> NodeProcess:
     tls_port = free_port()
-    # Two receiver processes: the TLS port is then a socket the node opens and shares, the
-    # path a hospital's multi-core node takes (one receiver binds its own; other tests).
-    node = NodeProcess(tmp_path / "node", receivers=2, extra_toml=_tls_toml(pki, tls_port))
+    # Two receiver processes by default: the TLS port is then a socket the node opens and
+    # shares, the path a hospital's multi-core node takes. One receiver binds the port itself
+    # (a one-core host); tests ask for that with indirect parametrization.
+    receivers = getattr(request, "param", 2)
+    node = NodeProcess(tmp_path / "node", receivers=receivers, extra_toml=_tls_toml(pki, tls_port))
     node.tls_port = tls_port  # type: ignore[attr-defined]
     node.start()
     yield node  # type: ignore[misc]
@@ -96,6 +98,7 @@ def _tls_args(pki: Pki) -> list[str]:
     return ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
 
 
+@pytest.mark.parametrize("tls_node", [1, 2], indirect=True, ids=["own-port", "shared-port"])
 def test_echoscu_and_storescu_over_tls(tls_node: NodeProcess, pki: Pki) -> None:
     port = str(tls_node.tls_port)  # type: ignore[attr-defined]
     echo = dcmtk("echoscu", *_tls_args(pki), "-aec", "PACSAI", "127.0.0.1", port)

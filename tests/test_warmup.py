@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from pacs_ai.config import Settings, load_settings
@@ -16,6 +18,7 @@ from pacs_ai.imaging.volume import Volume
 from pacs_ai.models.base import ModelManifest, Prediction
 from pacs_ai.pipeline import warmup
 from pacs_ai.pipeline.infer import ModelCache
+from tests.test_results_seg import dciodvfy_errors
 
 RULES = """
 [[rules]]
@@ -127,7 +130,15 @@ def test_a_job_arriving_during_the_warm_up_waits_for_it(
     thread.join(10)
 
 
-def test_the_rehearsal_encodes_a_synthetic_series() -> None:
+def test_the_rehearsal_encodes_a_synthetic_series(tmp_path: Path) -> None:
     datasets = warmup.synthetic_series(slices=3, size=6)
     assert [int(ds.InstanceNumber) for ds in datasets] == [1, 2, 3]
-    warmup.rehearse()  # reads, builds a volume, encodes SEG and SR: raises on any failure
+    # Reads, builds a volume, encodes SEG and SR: what it warms up is a job's real encode.
+    seg_bytes, sr_bytes = warmup.rehearse()
+    seg, sr = (pydicom.dcmread(BytesIO(raw)) for raw in (seg_bytes, sr_bytes))
+    assert seg.Modality == "SEG" and sr.Modality == "SR"
+    assert len(seg.SegmentSequence) == 1 and int(seg.NumberOfFrames) >= 1
+    for name, raw in (("seg.dcm", seg_bytes), ("sr.dcm", sr_bytes)):
+        (tmp_path / name).write_bytes(raw)
+        errors, output = dciodvfy_errors(tmp_path / name)
+        assert errors == [], output

@@ -24,6 +24,7 @@ from pacs_ai.pipeline.infer import (
     worker_name,
 )
 from pacs_ai.pipeline.node_client import RemoteLink
+from pacs_ai.pipeline.queues import send_item
 from pacs_ai.storage.db import open_database
 from workers.celery_app import INFER_TASK, SEND_TASK, app
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def _send(task: str, item_id: int, queue: str, priority: int) -> None:
-    app.send_task(task, args=[item_id], queue=queue, priority=priority)
+    send_item(app, task, item_id, queue, priority)
 
 
 @cache

@@ -123,10 +123,20 @@ def event_information(
     return ds
 
 
+class UnknownEventType(ValueError):
+    """Not an event of storage commitment: answered No such event type (0x0113)."""
+
+
+def check_event_type(event_type: int) -> None:
+    if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
+        raise UnknownEventType(
+            f"Event Type ID must be 1 or 2 for storage commitment, not {event_type}."
+        )
+
+
 def parse_report(event_type: int, info: Dataset) -> Report:
     """Read an N-EVENT-REPORT's Event Information; ValueError names what is wrong."""
-    if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
-        raise ValueError(f"Event Type ID must be 1 or 2 for storage commitment, not {event_type}.")
+    check_event_type(event_type)
     uid = str(info.get("TransactionUID", "") or "")
     if not uid:
         raise ValueError("Transaction UID (0008,1195) is missing from the event information.")
@@ -196,10 +206,12 @@ def handle_event_report(event: Any, sink: ReportSink) -> tuple[int, Dataset | No
         if str(event.request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH_MODEL:
             return NO_SUCH_SOP_CLASS, None
         event_type = int(event.event_type)
-        if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
-            logger.warning("storage commitment report from %s: event type %d", calling, event_type)
-            return NO_SUCH_EVENT_TYPE, None
+        # Before the event information is decoded: an unknown event's may not be.
+        check_event_type(event_type)
         report = parse_report(event_type, event.event_information)
+    except UnknownEventType as exc:
+        logger.warning("storage commitment report from %s: %s", calling, exc)
+        return NO_SUCH_EVENT_TYPE, None
     except ValueError as exc:
         logger.warning("storage commitment report from %s refused: %s", calling, exc)
         return INVALID_ARGUMENT_VALUE, None

@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -171,9 +172,9 @@ class ReceiverLoad:
     server's loop (0.5 s), so an association that ended stops counting within a turn.
     """
 
-    def __init__(self, loads: Any, slot: int) -> None:
+    def __init__(self, loads: Any, slot: int, associations: Callable[[], int]) -> None:
         self.loads, self.slot = loads, slot
-        self.servers: list[ThreadedAssociationServer] = []
+        self.associations = associations  # the receiver's open associations, both servers
         self.accepted = 0  # accepted, association thread not started yet
         self.lock = threading.Lock()
 
@@ -182,7 +183,7 @@ class ReceiverLoad:
             self.accepted += change
 
     def publish(self) -> int:
-        load = sum(len(s.active_associations) for s in self.servers) + self.accepted
+        load = self.associations() + self.accepted
         self.loads[self.slot] = load
         return load
 
@@ -208,7 +209,6 @@ class SharedSocketServer(NodeServer):
         self._listening = listening
         self._load = load
         super().__init__(*args, **kwargs)
-        load.servers.append(self)
         load.publish()  # a replaced receiver's slot may still hold its predecessor's load
 
     def server_bind(self) -> None:
@@ -239,7 +239,10 @@ class SharedSocketServer(NodeServer):
         poller.register(self.socket, select.POLLIN)
         deadline = time.monotonic() + ACCEPT_YIELD_MAX_S
         while time.monotonic() < deadline:
-            if not poller.poll(ACCEPT_YIELD_POLL_MS):
+            # Sleep, then look: poll() with a timeout returns at once while the connection
+            # waits, so looping on it would spin a core against this process's own C-STOREs.
+            time.sleep(ACCEPT_YIELD_POLL_MS / 1000)
+            if not poller.poll(0):
                 return  # taken
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -267,6 +270,9 @@ class SharedSocketServer(NodeServer):
         # process that shares it; closing drops only this process's descriptor.
         assert self.socket is not None
         self.socket.close()
+        # What ThreadingMixIn.server_close adds: wait for connections still being set up (a
+        # TLS handshake), so that their associations start before the drain looks for them.
+        cast(Any, self)._threads.join()  # not in typeshed
 
 
 def build_ae(settings: Settings) -> AE:
@@ -518,7 +524,11 @@ class Receiver:
         self.ingest = ingest
         self.ae = build_ae(settings)
         self.sockets = sockets
-        self.load = ReceiverLoad(sockets.loads, slot) if sockets is not None else None
+        self.load = (
+            ReceiverLoad(sockets.loads, slot, self.active_associations)
+            if sockets is not None
+            else None
+        )
         self.auditor = auditor or Auditor(ingest.engine, settings)
         self.server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None

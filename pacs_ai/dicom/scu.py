@@ -91,7 +91,7 @@ class SendableFile:
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
-    sop_instance_uid: str = ""
+    sop_instance_uid: str
 
 
 @dataclass
@@ -165,7 +165,8 @@ def scan(paths: Iterable[Path], report: SendReport) -> list[SendableFile]:
             meta = read_file_meta_info(path)
             sop_class = str(meta.MediaStorageSOPClassUID)
             syntax = str(meta.TransferSyntaxUID)
-            sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+            # Type 1 like the class: storage commitment names each instance by it.
+            sop_instance = str(meta.MediaStorageSOPInstanceUID)
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             report.skipped.append((path, f"not a DICOM Part 10 file: {exc}"))
             continue

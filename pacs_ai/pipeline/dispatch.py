@@ -63,8 +63,7 @@ class Dispatcher:
         decisions = evaluate(self.settings.rules, facts)
         if not decisions:
             logger.info("study %s: no rule matches; kept, nothing to run", done.study_instance_uid)
-            # Planned, with nothing in it: the reconciler must not take it for lost.
-            jobs.create(self.engine, [], [], 0, 0, self.clock(), (done.study_id, done.completions))
+            jobs.plan_nothing(self.engine, (done.study_id, done.completions), self.clock())
             return
         job_specs, forwards = jobs.plan(
             decisions,

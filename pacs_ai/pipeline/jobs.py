@@ -120,6 +120,12 @@ def _insert_ignore(engine_or_conn: Any) -> Any:
     return postgresql.insert if engine_or_conn.dialect.name == "postgresql" else sqlite.insert
 
 
+def plan_nothing(engine: Engine, completion: tuple[int, int], now: float) -> None:
+    """Mark a study's completion (study id, number) planned with nothing to run, so the
+    reconciler does not take it for one lost between completing and routing."""
+    create(engine, [], [], 0, 0, now, completion)
+
+
 def create(
     engine: Engine,
     job_specs: Sequence[JobSpec],

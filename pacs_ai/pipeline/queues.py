@@ -81,6 +81,11 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
     return app
 
 
+def send_item(app: Celery, task: str, item_id: int, queue: str, priority: int) -> None:
+    """Put a job or delivery id on its queue: messages carry ids only, the index the rest."""
+    app.send_task(task, args=[item_id], queue=queue, priority=priority)
+
+
 def register_control_commands() -> None:
     """Teach this process's Celery workers :data:`REPORT_COMMAND` (idempotent).
 

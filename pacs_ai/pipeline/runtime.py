@@ -22,7 +22,7 @@ from pacs_ai.broker import EmbeddedRedis
 from pacs_ai.config import Settings
 from pacs_ai.pipeline.assemble import CompletionListener
 from pacs_ai.pipeline.dispatch import Dispatcher
-from pacs_ai.pipeline.queues import create_app
+from pacs_ai.pipeline.queues import create_app, send_item
 from pacs_ai.processes import stop_process
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class AIRuntime:
 
     def send_task(self, name: str, item_id: int, queue: str, priority: int) -> None:
         """Put a job or delivery id on its queue (the dispatcher and the worker API use it)."""
-        self.app.send_task(name, args=[item_id], queue=queue, priority=priority)
+        send_item(self.app, name, item_id, queue, priority)
 
     def _start_worker(self) -> None:
         env = {**os.environ, "PACS_AI_BROKER__URL": self.broker_url}

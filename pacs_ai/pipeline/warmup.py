@@ -102,8 +102,9 @@ def _load(models: ModelCache, name: str) -> bool:
     return True
 
 
-def rehearse() -> None:
-    """One job's worth of reading, volume building and encoding, on a tiny synthetic series."""
+def rehearse() -> tuple[bytes, bytes]:
+    """One job's worth of reading, volume building and encoding, on a tiny synthetic series;
+    the SEG's and SR's bytes, as a job would deliver them."""
     datasets = [pydicom.dcmread(BytesIO(encoded_bytes(ds))) for ds in synthetic_series()]
     volume = build_volume(datasets)
     sources = in_volume_order(datasets, volume)
@@ -113,8 +114,7 @@ def rehearse() -> None:
     prediction = Prediction(labelmap, [finding])
     seg = build_seg(sources, prediction, _REHEARSAL_MANIFEST, REHEARSAL_JOB)
     sr = build_sr(sources, seg, prediction, _REHEARSAL_MANIFEST, REHEARSAL_JOB)
-    encoded_bytes(seg)
-    encoded_bytes(sr)
+    return encoded_bytes(seg), encoded_bytes(sr)
 
 
 def synthetic_series(slices: int = 2, size: int = 4) -> list[Dataset]:
