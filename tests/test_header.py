@@ -10,9 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
+from pydicom.uid import ImplicitVRLittleEndian
 
 from pacs_ai.dicom.header import MalformedDataset, check_complete, read_header
-from pacs_ai.dicom.part10 import file_meta, part10_bytes
+from pacs_ai.dicom.part10 import Part10, file_meta, part10, part10_bytes
 from tests.realdata import (
     PYDICOM_FILES,
     TRANSFER_SYNTAX_SAMPLES,
@@ -124,6 +125,17 @@ def test_part10_wrapping_keeps_the_data_set_bytes() -> None:
     assert again.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
     assert again.file_meta.SourceApplicationEntityTitle == "MODALITY"
     assert again.PixelData == dcmread(real_file("MR_small_RLE.dcm")).PixelData
+
+
+def test_a_data_set_that_opens_with_file_meta_reads_as_its_joined_bytes() -> None:
+    # Some senders put their file meta in front of the data set they send over DIMSE. In two
+    # pieces, our meta then stops before theirs; joined, pydicom reads both as one group.
+    source = real_file("CT_small.dcm").read_bytes()
+    ds = dcmread(real_file("CT_small.dcm"), stop_before_pixels=True)
+    prefix = part10(ds.SOPClassUID, ds.SOPInstanceUID, ImplicitVRLittleEndian, "M", b"").prefix
+    split = Part10(prefix, source[132:])
+    assert split.data_set[:2] == b"\x02\x00"
+    assert read_header(split) == read_header(split.joined())
 
 
 CT = (PYDICOM_FILES / "CT_small.dcm").read_bytes()

@@ -38,7 +38,7 @@ from pydicom.uid import (
 
 from pacs_ai.dicom import header
 from pacs_ai.dicom.header import InstanceHeader, MalformedDataset
-from pacs_ai.dicom.part10 import part10_bytes
+from pacs_ai.dicom.part10 import Part10, part10_bytes
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from tests.realdata import PYDICOM_DATA_FILES, PYDICOM_FILES
 
@@ -116,6 +116,11 @@ def assert_same_as_before(data: bytes) -> Outcome:
     new = _outcome(header.read_header, data)
     old = _outcome(_old_read_header, data)
     assert new == old
+    # The receiver hands over its file meta and the data set as two pieces: same reading.
+    meta = header._file_meta(data)
+    if meta is not None:
+        split = Part10(data[: meta[0]], data[meta[0] :])
+        assert _outcome(lambda _: header.read_header(split), data) == new
     # ... and no more often through dcmread: that would only be slower, but it would be.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,11 +7,12 @@ from dataclasses import replace
 
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from pacs_ai.dicom.header import InstanceHeader, read_header
 from pacs_ai.storage import index
-from pacs_ai.storage.db import open_database
-from pacs_ai.storage.schema import COMPLETE, RECEIVING, instances
+from pacs_ai.storage.db import WriterTurn, open_database, writer_turn
+from pacs_ai.storage.schema import COMPLETE, RECEIVING, SOURCE, instances
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
@@ -80,7 +81,9 @@ def test_one_bad_instance_fails_alone(engine: Engine) -> None:
     headers = [_instance(i) for i in range(7)] + [bad]
     results = _record_all(rec, headers)
     assert results[:7] == [True] * 7
-    assert isinstance(results[7], Exception)
+    # SQLAlchemy's class, as if SQLAlchemy had run the INSERT: ingest answers "index
+    # unavailable" to any SQLAlchemyError.
+    assert isinstance(results[7], IntegrityError)
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 7
 
@@ -94,6 +97,105 @@ def test_a_batch_reopens_a_complete_study_once(engine: Engine) -> None:
     (study,) = index.list_studies(engine)
     assert (study.state, study.reopened, study.instance_count) == (RECEIVING, 1, 9)
     assert study.state != COMPLETE
+
+
+def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(engine: Engine) -> None:
+    rec = index.InstanceRecorder(engine)
+    first, unnumbered = _instance(1), replace(_instance(2), instance_number=None)
+    batch = [
+        index._Pending(first, "MOD", "1.dcm", 1234, now=10.5),
+        index._Pending(unnumbered, "MOD", "2.dcm", 5678, now=11.25),
+        index._Pending(first, "MOD", "1b.dcm", 99, now=12.0),  # the same instance again
+    ]
+    assert rec._record(batch) == [True, True, False]
+    with engine.connect() as conn:
+        rows = conn.execute(select(instances).order_by(instances.c.sop_instance_uid)).mappings()
+        got = [
+            {k: v for k, v in row.items() if k not in ("id", "series_id", "study_id")}
+            for row in rows
+        ]
+    expected = {
+        "sop_class_uid": HEADER.sop_class_uid,
+        "transfer_syntax_uid": HEADER.transfer_syntax_uid,
+        "calling_ae": "MOD",
+        "kind": SOURCE,
+    }
+    assert got == [
+        {
+            **expected,
+            "sop_instance_uid": first.sop_instance_uid,
+            "instance_number": first.instance_number,
+            "path": "1.dcm",
+            "size_bytes": 1234,
+            "received_at": 10.5,
+            "duplicates": 1,
+        },
+        {
+            **expected,
+            "sop_instance_uid": unnumbered.sop_instance_uid,
+            "instance_number": None,
+            "path": "2.dcm",
+            "size_bytes": 5678,
+            "received_at": 11.25,
+            "duplicates": 0,
+        },
+    ]
+    (study,) = index.list_studies(engine)
+    assert study.last_received_at == 11.25  # the repeat is no new activity
+
+
+def test_a_batch_larger_than_one_insert_takes_several(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index, "_INSERT_ROWS", 3)
+    rec = index.InstanceRecorder(engine)
+    assert rec.record(_instance(4), "MOD", "4.dcm", 10, now=1.0)
+    batch = [index._Pending(_instance(i), "MOD", f"{i}.dcm", 10, now=2.0) for i in range(8)]
+    assert rec._record(batch) == [i != 4 for i in range(8)]
+    (study,) = index.list_studies(engine)
+    assert (study.instance_count, study.duplicates) == (8, 1)
+
+
+def test_a_driver_error_is_raised_as_sqlalchemys_and_keeps_the_connection(
+    engine: Engine,
+) -> None:
+    rec = index.InstanceRecorder(engine)
+    assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
+    kept = rec._kept[0]
+    on_sqlite = engine.dialect.name == "sqlite"
+    kept.exec_driver_sql(
+        "PRAGMA query_only = ON"
+        if on_sqlite
+        else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+    )
+    kept.commit()
+    with pytest.raises(DBAPIError) as raised:  # not retried: neither of the two known causes
+        rec.record(_instance(1), "MOD", "1.dcm", 10, now=2.0)
+    assert not isinstance(raised.value, IntegrityError)
+    assert not raised.value.connection_invalidated
+    assert rec._kept == [kept] and not kept.invalidated
+    kept.exec_driver_sql(
+        "PRAGMA query_only = OFF"
+        if on_sqlite
+        else "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"
+    )
+    kept.commit()
+    assert rec.record(_instance(1), "MOD", "1.dcm", 10, now=3.0)
+    rec.close()
+
+
+def test_a_kept_connection_closed_under_the_recorder_is_replaced(engine: Engine) -> None:
+    rec = index.InstanceRecorder(engine)
+    assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
+    dbapi_connection = rec._kept[0].connection.dbapi_connection
+    assert dbapi_connection is not None
+    dbapi_connection.close()  # the driver's connection, behind SQLAlchemy's back
+    assert rec.record(_instance(1), "MOD", "1.dcm", 10, now=2.0)
+    assert not rec.record(_instance(1), "MOD", "1.dcm", 10, now=3.0)  # seen: a duplicate
+    assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # the new one, kept
+    (study,) = index.list_studies(engine)
+    assert (study.instance_count, study.duplicates, study.last_received_at) == (2, 1, 2.0)
+    rec.close()
 
 
 def test_the_kept_connection_goes_back_to_the_pool_on_close(engine: Engine) -> None:
@@ -129,3 +231,32 @@ def test_a_kept_connection_the_server_ended_is_replaced(postgres_url: str) -> No
         rec.close()
     finally:
         engine.dispose()
+
+
+def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
+    engine: Engine,
+) -> None:
+    turn = writer_turn(engine)
+    if engine.dialect.name != "sqlite":
+        assert turn is None  # the server arbitrates between writers
+        return
+    assert turn is not None and turn.path.name == "index.sqlite3-writer.lock"
+    # Another receiver process: its own open file, so flock() keeps the two apart.
+    other = WriterTurn(turn.path)
+    rec = index.InstanceRecorder(engine)
+    done = threading.Event()
+
+    def record() -> None:
+        rec.record(_instance(1), "MOD", "1.dcm", 10, now=100.0)
+        done.set()
+
+    with other():
+        writer = threading.Thread(target=record)
+        writer.start()
+        assert not done.wait(0.3), "the recorder wrote while another held the turn"
+    assert done.wait(10), "the recorder did not write once the turn was free"
+    writer.join()
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 1
+    rec.close()
+    other.close()

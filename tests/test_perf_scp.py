@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import socket
+import struct
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -201,3 +206,87 @@ def test_rejected_and_aborted_associations_end_promptly(receiver: scp.Receiver) 
     assert aborted.send_c_echo().Status == 0
     aborted.abort()
     assert _wait_no_associations(receiver)
+
+
+class _CountingTime:
+    """``time`` that counts the acceptor reactor's naps and lets every sleep through."""
+
+    def __init__(self) -> None:
+        self.napping: set[threading.Thread] = set()
+
+    def sleep(self, seconds: float) -> None:
+        if sys._getframe(2).f_code is fastpath._REACTOR_CODE:  # past _ReactorTime.sleep
+            self.napping.add(threading.current_thread())
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_event_driven_reactors_skip_the_nap_and_nothing_else_does(
+    receiver: scp.Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pynetdicom.association as association_module
+
+    counting = _CountingTime()
+    monkeypatch.setattr(association_module, "time", fastpath._ReactorTime(counting))
+    assert receiver.server is not None
+    good = dcmread(real_file("CT_small.dcm"))
+    assoc = _associate(receiver.server.server_address[1])
+    try:
+        (acceptor,) = receiver.server.active_associations
+        for message_id in range(1, 11):
+            assert assoc.send_c_store(good, msg_id=message_id).Status == 0
+    finally:
+        assoc.release()
+    assert assoc.is_released and _wait_no_associations(receiver)
+    # The requestor's reactor (pynetdicom's own, in this process) napped as it always does;
+    # the event-driven acceptor's reactor did not.
+    assert assoc in counting.napping and acceptor not in counting.napping
+    started = time.monotonic()
+    fastpath._ReactorTime(time).sleep(0.05)
+    assert time.monotonic() - started >= 0.05
+
+
+def _pdu_streams() -> list[bytes]:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[1, b"\x02" + bytes(range(256)) * 40]]
+    p_data = P_DATA_TF(primitive).encode()
+    return [
+        p_data,
+        A_RELEASE_RQ().encode(),
+        b"\x09\x00\x00\x00\x00\x04abcd",  # unknown PDU type
+        p_data[: len(p_data) // 2],  # the peer closes inside the PDU
+        p_data[:4],  # ... inside its header
+        struct.pack(">BBL", 4, 0, fastpath.MAX_PDU_BYTES * 2),  # more than we advertised
+        b"",
+    ]
+
+
+def _read_one_pdu(stream: bytes, ours: bool) -> tuple[list[str], list[Any]]:
+    near, far = socket.socketpair()
+    with near, far:
+        far.sendall(stream)
+        far.shutdown(socket.SHUT_WR)
+        dul = Association(AE(), "acceptor").dul
+        dul.socket = SimpleNamespace(recv=functools.partial(fastpath.recv_exactly, near))  # type: ignore[assignment]
+        if ours:
+            fastpath._read_pdu_data(dul, near)
+        else:
+            DULServiceProvider._read_pdu_data(dul)
+        events = list(dul.event_queue.queue)
+        pdus = [
+            [(cx, bytes(data)) for cx, data in pdu.to_primitive().presentation_data_value_list]
+            if isinstance(pdu, P_DATA_TF)
+            else type(pdu).__name__
+            for pdu in dul._recv_pdu.queue
+        ]
+    return events, pdus
+
+
+@pytest.mark.parametrize("index", range(len(_pdu_streams())))
+def test_pdus_are_read_as_pynetdicom_reads_them(index: int) -> None:
+    stream = _pdu_streams()[index]
+    ours = _read_one_pdu(stream, ours=True)
+    assert ours == _read_one_pdu(stream, ours=False)
+    assert ours[0], "every read ends in an event"

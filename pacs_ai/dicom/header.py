@@ -40,6 +40,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import VR, validate_value
 
+from pacs_ai.dicom.part10 import Part10
+
 # PS3.5 7.1.2: these VRs carry a 4-byte length after two reserved bytes in explicit VR.
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -88,11 +90,12 @@ class InstanceHeader:
     image_type: str
 
 
-def read_header(data: bytes) -> InstanceHeader:
-    """Parse a Part 10 byte string (preamble, file meta, data set) into an :class:`InstanceHeader`.
+def read_header(data: bytes | Part10) -> InstanceHeader:
+    """Parse a Part 10 object (preamble, file meta, data set) into an :class:`InstanceHeader`.
 
     Raises :class:`MalformedDataset` when the bytes are not a whole DICOM object. UIDs are
-    returned as found (possibly empty): judging them is the caller's business.
+    returned as found (possibly empty): judging them is the caller's business. A
+    :class:`Part10` in two pieces reads as its joined bytes would.
     """
     try:
         header = _read_walked(data)
@@ -100,7 +103,7 @@ def read_header(data: bytes) -> InstanceHeader:
         # pydicom's reading below gives the reason a sender will recognise.
         header = None
     if header is None:
-        header = _read_with_dcmread(data)
+        header = _read_with_dcmread(data.joined() if isinstance(data, Part10) else data)
     return header
 
 
@@ -125,13 +128,27 @@ def _read_with_dcmread(data: bytes) -> InstanceHeader:
     return header
 
 
-def _read_walked(data: bytes) -> InstanceHeader | None:
+def _read_walked(data: bytes | Part10) -> InstanceHeader | None:
     """The header from the completeness walk, or None where only ``dcmread`` can vouch for it."""
     direct = _pydicom_as_shipped()
+    if isinstance(data, Part10):
+        if data.data_set[:2] == b"\x02\x00":
+            # Group 0002 in the data set: read on, the meta would take it in as pydicom does.
+            data = data.joined()
+        else:
+            # Our own prefix ends where the data set starts.
+            meta = _file_meta(data.prefix, direct)
+            return None if meta is None else _read_walked_from(data.data_set, 0, meta[1], direct)
     meta = _file_meta(data, direct)
     if meta is None:
         return None
     start, ts_element = meta
+    return _read_walked_from(data, start, ts_element, direct)
+
+
+def _read_walked_from(
+    data: bytes, start: int, ts_element: RawDataElement, direct: bool
+) -> InstanceHeader | None:
     try:
         tsuid = _transfer_syntax(ts_element, direct)
     except Exception:

@@ -7,6 +7,7 @@ and the File Meta Information (group 0002, always explicit VR little endian) go 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from pacs_ai import __version__
 
@@ -58,6 +59,36 @@ def file_meta(
     return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
+@dataclass(frozen=True)
+class Part10:
+    """A DICOM file in two pieces: our preamble and file meta, then the data set as received.
+
+    Joining them would copy every received image once more only to be copied again into the
+    spool's write buffer; the header read and the spool take the pieces as they are.
+    """
+
+    prefix: bytes
+    data_set: bytes
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.data_set)
+
+    def joined(self) -> bytes:
+        return self.prefix + self.data_set
+
+
+def part10(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    source_ae: str,
+    dataset: bytes,
+) -> Part10:
+    """Preamble + "DICM" + file meta, and the data set exactly as received."""
+    meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
+    return Part10(_PREFIX + meta, dataset)
+
+
 def part10_bytes(
     sop_class_uid: str,
     sop_instance_uid: str,
@@ -65,6 +96,5 @@ def part10_bytes(
     source_ae: str,
     dataset: bytes,
 ) -> bytes:
-    """Preamble + "DICM" + file meta + the data set exactly as received."""
-    meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
-    return b"".join((_PREFIX, meta, dataset))
+    """Preamble + "DICM" + file meta + the data set exactly as received, as one string."""
+    return part10(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae, dataset).joined()

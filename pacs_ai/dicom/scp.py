@@ -36,7 +36,7 @@ from pacs_ai.dicom.contexts import (
     storage_sop_classes,
 )
 from pacs_ai.dicom.fastpath import MAX_PDU_BYTES, close_sockets_fully, on_conn_open
-from pacs_ai.dicom.part10 import part10_bytes
+from pacs_ai.dicom.part10 import part10
 from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.dicom.tls import server_context
 from pacs_ai.storage import commitments
@@ -440,7 +440,7 @@ def _on_store(event: Any, ingest: Ingest) -> Dataset | int:
     calling = assoc.requestor.ae_title.strip()
     request = event.request
     try:
-        data = part10_bytes(
+        data = part10(
             request.AffectedSOPClassUID,
             request.AffectedSOPInstanceUID,
             event.context.transfer_syntax,

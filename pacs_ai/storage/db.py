@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,52 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+class WriterTurn:
+    """Takes turns at writing to one SQLite index across processes, waking the next at once.
+
+    SQLite makes a writer that finds the database locked retry on a timer: its busy handler
+    sleeps 1, 2, 5, 10 ms and more between tries. Receivers in several processes commit
+    hundreds of times a second, so they collided often and each collision cost at least a
+    millisecond of an association's time. A process waiting on ``flock`` is woken by the
+    kernel the moment the lock is released. Only the receivers' index writes take turns
+    here; anything else that writes still goes through SQLite's own lock, as before.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._opening = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        fd = self._open()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open(self) -> int:
+        with self._opening:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            return self._fd
+
+    def close(self) -> None:
+        with self._opening:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def writer_turn(engine: Engine) -> WriterTurn | None:
+    """A :class:`WriterTurn` for an SQLite file database; None where the server arbitrates."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    return WriterTurn(Path(f"{database}-writer.lock"))
 
 
 def migrate(engine: Engine) -> None:

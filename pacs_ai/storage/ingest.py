@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_ai.dicom.header import InstanceHeader, MalformedDataset, read_header
+from pacs_ai.dicom.part10 import Part10
 from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.errors import OutOfSpace
 from pacs_ai.storage import index
@@ -52,13 +53,13 @@ class Ingest:
 
     def store(
         self,
-        data: bytes,
+        data: bytes | Part10,
         calling_ae: str,
         affected_sop_class_uid: str = "",
         affected_sop_instance_uid: str = "",
         origin: str = "",
     ) -> StoreOutcome:
-        """Store a Part 10 byte string (preamble + file meta + data set as received)."""
+        """Store a Part 10 object (preamble + file meta + data set as received)."""
         if not self.spool.has_room(len(data)):
             logger.warning(
                 "refused %s from %s: disk below reserve", affected_sop_instance_uid, calling_ae
@@ -100,7 +101,7 @@ class Ingest:
                 StoreStatus.OUT_OF_RESOURCES, f"Write failed: {exc.strerror}", header=header
             )
 
-    def _keep(self, data: bytes, header: InstanceHeader, calling_ae: str) -> StoreOutcome:
+    def _keep(self, data: bytes | Part10, header: InstanceHeader, calling_ae: str) -> StoreOutcome:
         sop = header.sop_instance_uid
         relative = self.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, sop
@@ -124,7 +125,7 @@ class Ingest:
 
     def _refuse(
         self,
-        data: bytes,
+        data: bytes | Part10,
         status: StoreStatus,
         reason: str,
         calling_ae: str,

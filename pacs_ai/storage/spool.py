@@ -24,9 +24,11 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pacs_ai.dicom.part10 import Part10
 from pacs_ai.errors import OutOfSpace
 
 logger = logging.getLogger(__name__)
@@ -67,13 +69,14 @@ class _DirectWriter:
         direct = self.enabled and size >= _DIRECT_ALIGN
         return os.O_DIRECT if direct else 0
 
-    def write(self, fd: int, data: bytes) -> None:
+    def write(self, fd: int, data: bytes | Part10) -> None:
         """Write ``data`` at the start of ``fd`` (opened with :meth:`open_flags`)."""
-        view = memoryview(data)
-        bulk = len(view) - len(view) % _DIRECT_ALIGN
+        pieces = _pieces(data)
+        size = sum(len(piece) for piece in pieces)
+        bulk = size - size % _DIRECT_ALIGN
         if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
             try:
-                self._write_aligned(fd, view[:bulk])
+                self._write_aligned(fd, pieces, bulk)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -86,15 +89,18 @@ class _DirectWriter:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         else:
             bulk = 0
-        _write_all(fd, view[bulk:])
+        for part in _ranges(pieces, bulk, size):
+            _write_all(fd, part)
 
-    def _write_aligned(self, fd: int, view: memoryview) -> None:
+    def _write_aligned(self, fd: int, pieces: list[memoryview], bulk: int) -> None:
         buffer = self._take()
         try:
-            for start in range(0, len(view), _DIRECT_CHUNK):
-                chunk = view[start : start + _DIRECT_CHUNK]
-                size = len(chunk)
-                buffer[:size] = chunk
+            for start in range(0, bulk, _DIRECT_CHUNK):
+                size = 0
+                # The pieces meet in the aligned buffer: the one copy O_DIRECT needs anyway.
+                for part in _ranges(pieces, start, min(start + _DIRECT_CHUNK, bulk)):
+                    buffer[size : size + len(part)] = part
+                    size += len(part)
                 with memoryview(buffer) as aligned:
                     written = os.write(fd, aligned[:size])
                 if written != size:
@@ -191,6 +197,22 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[written:]
 
 
+def _pieces(data: bytes | Part10) -> list[memoryview]:
+    if isinstance(data, Part10):
+        return [memoryview(data.prefix), memoryview(data.data_set)]
+    return [memoryview(data)]
+
+
+def _ranges(pieces: list[memoryview], start: int, stop: int) -> Iterator[memoryview]:
+    """Views of bytes ``start`` to ``stop`` of the pieces taken end to end."""
+    offset = 0
+    for piece in pieces:
+        end = offset + len(piece)
+        if end > start and offset < stop:
+            yield piece[max(start - offset, 0) : min(stop, end) - offset]
+        offset = end
+
+
 class Spool:
     """Durable files for received instances, one per SOP Instance UID."""
 
@@ -243,7 +265,7 @@ class Spool:
                 f"{self.reserve_bytes // 2**20} MiB"
             )
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | Part10) -> Path:
         """Write ``data`` durably to its final place; return the path relative to the spool."""
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         self.check_room(len(data))
@@ -260,7 +282,7 @@ class Spool:
         self._folder_sync.after_rename(folder)
         return relative
 
-    def quarantine(self, data: bytes, reason: str, details: dict[str, Any]) -> Path:
+    def quarantine(self, data: bytes | Part10, reason: str, details: dict[str, Any]) -> Path:
         """Keep a refused object with the reason, so nobody has to ask the sender again."""
         stamp = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
         target = self.quarantine_dir / f"{stamp}.dcm"
@@ -280,7 +302,7 @@ class Spool:
         except FileNotFoundError:
             return 0
 
-    def _write_tmp(self, data: bytes) -> Path:
+    def _write_tmp(self, data: bytes | Part10) -> Path:
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         fd = self._open_new(tmp, len(data))
         try:
