@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from pacs_ai.dicom.header import InstanceHeader, read_header
+from pacs_ai.storage import db as db_module
 from pacs_ai.storage import index
 from pacs_ai.storage.db import WriterTurn, open_database, writer_turn
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, SOURCE, instances
@@ -260,3 +263,37 @@ def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
         assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 1
     rec.close()
     other.close()
+
+
+def test_a_turn_not_had_in_time_or_not_possible_means_writing_without(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "index.sqlite3-writer.lock"
+    stuck, turn = WriterTurn(path), WriterTurn(path, wait_s=0.2)
+    with stuck(), turn():
+        pass  # entered: after the wait, without the turn
+    assert "no turn at the index" in caplog.text and turn.enabled
+    with turn():
+        pass  # and with it, now that it is free
+    stuck.close()
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(db_module.fcntl, "flock", no_flock)
+    with turn():
+        pass
+    assert not turn.enabled and "cannot take turns" in caplog.text
+    turn.close()
+
+
+def test_a_forked_child_does_not_share_the_parents_turn(tmp_path: Path) -> None:
+    turn = WriterTurn(tmp_path / "index.sqlite3-writer.lock")
+    with turn():
+        pid = os.fork()
+        if pid == 0:  # the child: its own descriptor, so its turn waits for the parent's
+            ok = turn._fd is None and WriterTurn(turn.path, wait_s=0.1)._take() is None
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    turn.close()

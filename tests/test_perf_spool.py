@@ -38,6 +38,8 @@ def test_a_file_in_two_pieces_is_stored_as_they_join(
     data = Part10(os.urandom(prefix_size), os.urandom(size))
     relative = spool.store("1.2.3", "1.2.3.4", f"1.2.3.4.{size}.{prefix_size}", data)
     assert spool.path_of(relative).read_bytes() == data.joined()
+    if size + prefix_size >= 4096 and not spool._writer.enabled:
+        pytest.skip("this filesystem refuses O_DIRECT: the aligned buffer was not used")
 
 
 def test_direct_writes_are_used_where_the_filesystem_allows(tmp_path: Path) -> None:

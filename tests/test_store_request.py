@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -293,10 +293,49 @@ def test_any_fragmentation_gives_what_pynetdicom_gives(
     assert [o[3] for o in out] == [data_set]
 
 
-def test_listeners_and_chunked_mode_get_pynetdicoms_own_path() -> None:
+def test_a_dimse_listener_gets_pynetdicoms_own_path() -> None:
     assoc = _association(fast=True)
     assoc.bind(fastpath.evt.EVT_DIMSE_RECV, lambda event: None)
     assoc.dimse.receive_primitive(_p_data((1, b"\x03" + _store_command())))
     receiver = assoc.dimse.receive_primitive
     assert isinstance(receiver, StoreRequests) and receiver.pending is None
     assert isinstance(assoc.dimse.message, C_STORE_RQ)
+
+
+def test_what_follows_a_whole_message_in_the_same_p_data_is_left_unread() -> None:
+    data_set = b"z" * 500
+    out = _same_as_pynetdicom(
+        [
+            [
+                (1, b"\x03" + _store_command()),
+                *_data_pdvs(data_set, [100]),
+                (1, b"\x02" + b"stray"),
+                (1, b"\x03" + _store_command(message_id=8)),
+            ],
+        ]
+    )
+    assert [(o[2]["MessageID"], o[3]) for o in out] == [(7, data_set)]
+
+
+def test_tiny_fragments_are_kept_together_not_one_view_each() -> None:
+    assoc = _association(fast=True)
+    receiver = assoc.dimse.receive_primitive
+    assert isinstance(receiver, StoreRequests)
+    tiny = [(1, b"\x00" + bytes([i % 256])) for i in range(5000)]
+    big = (1, b"\x00" + b"B" * 100_000)
+    assoc.dimse.receive_primitive(_p_data((1, b"\x03" + _store_command()), *tiny, big, *tiny))
+    assert receiver.pending is not None and len(receiver.pending.fragments) == 3
+    assoc.dimse.receive_primitive(_p_data((1, b"\x02" + b"end")))
+    (_, request) = assoc.dimse.msg_queue.get_nowait()
+    expected = bytes(i % 256 for i in range(5000))
+    assert request.DataSet.getvalue() == expected + b"B" * 100_000 + expected + b"end"
+
+
+def test_chunked_mode_gets_pynetdicoms_own_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    handed: list[P_DATA] = []
+    dimse = _association(fast=False).dimse
+    receiver = StoreRequests(dimse, handed.append)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    primitive = _p_data((1, b"\x03" + _store_command()))
+    receiver(primitive)
+    assert handed == [primitive] and receiver.pending is None

@@ -101,11 +101,11 @@ class _ReactorTime:
         self._real = real
 
     def sleep(self, seconds: float) -> None:
-        caller = sys._getframe(1)
-        if caller.f_code is _REACTOR_CODE:
-            checkpoint = getattr(caller.f_locals.get("self"), "_reactor_checkpoint", None)
-            if isinstance(checkpoint, _Checkpoint):
-                return
+        # An association is its reactor's thread.
+        if sys._getframe(1).f_code is _REACTOR_CODE and isinstance(
+            getattr(threading.current_thread(), "_reactor_checkpoint", None), _Checkpoint
+        ):
+            return
         self._real.sleep(seconds)
 
     def __getattr__(self, name: str) -> Any:

@@ -42,6 +42,8 @@ _US_ELEMENTS = {
 }
 _UI_ELEMENTS = {0x0002: "AffectedSOPClassUID", 0x1000: "AffectedSOPInstanceUID"}
 _AE_ELEMENT = 0x1030  # Move Originator Application Entity Title
+# Fragments up to this size are copied as they come; larger ones are kept as views.
+_KEEP_AS_VIEW = 64 * 1024
 # Values pydicom converts without a warning and pynetdicom's setters take as they are.
 _PLAIN_UID = re.compile(rb"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _PLAIN_AE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
@@ -111,6 +113,17 @@ class _Pending:
     request: C_STORE
     fragments: list[Any] = field(default_factory=list)
 
+    def add(self, pdv: Any) -> None:
+        """Keep a data set fragment (the PDV less its control byte)."""
+        if len(pdv) > _KEEP_AS_VIEW:
+            self.fragments.append(pdv[1:])  # a view of the received PDU: no copy yet
+            return
+        # Small ones are copied together: a view apiece would hold far more memory than
+        # the bytes a peer sent in tiny fragments.
+        if not self.fragments or not isinstance(self.fragments[-1], bytearray):
+            self.fragments.append(bytearray())
+        self.fragments[-1] += pdv[1:]
+
 
 class StoreRequests:
     """Stands in for ``DIMSEServiceProvider.receive_primitive`` on one association."""
@@ -140,9 +153,11 @@ class StoreRequests:
                 self._hand_over(primitive, index)
                 return
             else:
-                self.pending.fragments.append(data[1:])  # a view: no copy yet
+                self.pending.add(data)
                 if control & 2:
                     self._finish()
+                    # As pynetdicom's decoding does: the message is whole, the rest unread.
+                    return
 
     def _allowed(self) -> bool:
         return not (
