@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from pacs_ai.dicom.part10 import part10_bytes
+from pacs_ai.dicom.part10 import part10
 from tests.dicom_peer import association, store, store_all
 from tests.peers import NodeProcess, echoscu_ok
 from tests.realdata import dataset_bytes, real_file
@@ -58,13 +58,13 @@ def relabelled(tmp_path: Path, name: str, sop_class: str = "", sop_instance: str
     ds = dcmread(source, stop_before_pixels=True)
     path = tmp_path / name
     path.write_bytes(
-        part10_bytes(
+        part10(
             sop_class or ds.SOPClassUID,
             sop_instance or ds.SOPInstanceUID,
             ds.file_meta.TransferSyntaxUID,
             "",
             dataset_bytes(source.read_bytes()),
-        )
+        ).joined()
     )
     return path
 

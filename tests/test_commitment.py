@@ -502,7 +502,8 @@ def test_a_report_gets_the_status_its_fault_deserves(
     )
     spool = Spool(tmp_path, reserve_bytes=0)
     spool.prepare()
-    receiver = Receiver(settings, Ingest(spool, engine))
+    ingest = Ingest(spool, engine)
+    receiver = Receiver(settings, ingest)
     receiver.start()
     try:
         ae = AE(ae_title="ORTHANC")
@@ -521,3 +522,4 @@ def test_a_report_gets_the_status_its_fault_deserves(
         assert answer.Status == status
     finally:
         receiver.stop(1)
+        ingest.close()

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian
 
 from pacs_ai.dicom.header import MalformedDataset, check_complete, read_header
-from pacs_ai.dicom.part10 import Part10, file_meta, part10, part10_bytes
+from pacs_ai.dicom.part10 import Part10, file_meta, part10
 from tests.realdata import (
     PYDICOM_FILES,
     TRANSFER_SYNTAX_SAMPLES,
@@ -116,9 +116,9 @@ def test_part10_wrapping_keeps_the_data_set_bytes() -> None:
     source = real_file("MR_small_RLE.dcm").read_bytes()
     ds = dcmread(real_file("MR_small_RLE.dcm"), stop_before_pixels=True)
     body = dataset_bytes(source)
-    wrapped = part10_bytes(
+    wrapped = part10(
         ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "MODALITY", body
-    )
+    ).joined()
     assert dataset_bytes(wrapped) == body
     again = dcmread(__import__("io").BytesIO(wrapped))
     assert again.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -135,7 +135,11 @@ def test_a_data_set_that_opens_with_file_meta_reads_as_its_joined_bytes() -> Non
     prefix = part10(ds.SOPClassUID, ds.SOPInstanceUID, ImplicitVRLittleEndian, "M", b"").prefix
     split = Part10(prefix, source[132:])
     assert split.data_set[:2] == b"\x02\x00"
-    assert read_header(split) == read_header(split.joined())
+    header = read_header(split)
+    assert header == read_header(split.joined())
+    # As pydicom reads the joined file: the sender's meta, coming later, has the last word.
+    assert header.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID != ImplicitVRLittleEndian
+    assert header.sop_instance_uid == ds.SOPInstanceUID
 
 
 CT = (PYDICOM_FILES / "CT_small.dcm").read_bytes()

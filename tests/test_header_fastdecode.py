@@ -38,7 +38,7 @@ from pydicom.uid import (
 
 from pacs_ai.dicom import header
 from pacs_ai.dicom.header import InstanceHeader, MalformedDataset
-from pacs_ai.dicom.part10 import Part10, part10_bytes
+from pacs_ai.dicom.part10 import Part10, part10
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from tests.realdata import PYDICOM_DATA_FILES, PYDICOM_FILES
 
@@ -170,7 +170,12 @@ def test_the_real_files_are_all_there() -> None:
 @pytest.mark.usefixtures("validation_mode")
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
 def test_real_files_read_as_before(path: Path) -> None:
-    assert_same_as_before(path.read_bytes())
+    data = path.read_bytes()
+    outcome = assert_same_as_before(data)
+    if isinstance(outcome, dict) and config.settings.reading_validation_mode != config.RAISE:
+        # An oracle that shares no code with the walk: pydicom reading the whole file (under
+        # RAISE it refuses what the walk, like the node before it, accepts).
+        assert outcome == _outcome(header._read_with_dcmread, data)[0]
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "chrGerm.dcm"])
@@ -267,7 +272,7 @@ def _encode(elements: dict[int, tuple[str, bytes]], tsuid: str, meta_tsuid: str 
         packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
         body = packer.compress(body) + packer.flush()
     sop_uid = "1.2.826.0.1.3680043.8.498.1"
-    return part10_bytes(CTImageStorage, sop_uid, meta_tsuid or tsuid, "TEST", body)
+    return part10(CTImageStorage, sop_uid, meta_tsuid or tsuid, "TEST", body).joined()
 
 
 TRANSFER_SYNTAXES = [

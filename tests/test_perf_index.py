@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from pacs_ai.storage.schema import COMPLETE, RECEIVING, SOURCE, instances
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
+
+
+@pytest.fixture
+def rec(engine: Engine) -> Iterator[index.InstanceRecorder]:
+    """A recorder on the test's index, closed (its kept connection given back) at the end."""
+    recorder = index.InstanceRecorder(engine)
+    yield recorder
+    recorder.close()
 
 
 def _instance(i: int, series: str = "1.2.3") -> InstanceHeader:
@@ -48,9 +57,8 @@ def _record_all(rec: index.InstanceRecorder, headers: list[InstanceHeader]) -> l
 
 
 def test_concurrent_instances_are_all_indexed_and_batched(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, rec: index.InstanceRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rec = index.InstanceRecorder(engine)
     batches: list[int] = []
     real_record = rec._record
 
@@ -69,8 +77,8 @@ def test_concurrent_instances_are_all_indexed_and_batched(
 
 def test_the_same_instance_from_two_associations_is_stored_once_and_counted(
     engine: Engine,
+    rec: index.InstanceRecorder,
 ) -> None:
-    rec = index.InstanceRecorder(engine)
     headers = [_instance(1)] * 6 + [_instance(2)] * 2
     results = _record_all(rec, headers)
     assert results[:6].count(True) == 1 and results[6:].count(True) == 1
@@ -78,8 +86,7 @@ def test_the_same_instance_from_two_associations_is_stored_once_and_counted(
     assert (study.instance_count, study.duplicates) == (2, 6)
 
 
-def test_one_bad_instance_fails_alone(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+def test_one_bad_instance_fails_alone(engine: Engine, rec: index.InstanceRecorder) -> None:
     bad = replace(_instance(99), sop_class_uid=None)  # type: ignore[arg-type]  # NOT NULL
     headers = [_instance(i) for i in range(7)] + [bad]
     results = _record_all(rec, headers)
@@ -91,8 +98,7 @@ def test_one_bad_instance_fails_alone(engine: Engine) -> None:
         assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 7
 
 
-def test_a_batch_reopens_a_complete_study_once(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+def test_a_batch_reopens_a_complete_study_once(engine: Engine, rec: index.InstanceRecorder) -> None:
     rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     (study,) = index.list_studies(engine)
     assert index.mark_complete(engine, study.id, cutoff=5.0, now=5.0) is not None
@@ -102,8 +108,9 @@ def test_a_batch_reopens_a_complete_study_once(engine: Engine) -> None:
     assert study.state != COMPLETE
 
 
-def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(
+    engine: Engine, rec: index.InstanceRecorder
+) -> None:
     first, unnumbered = _instance(1), replace(_instance(2), instance_number=None)
     batch = [
         index._Pending(first, "MOD", "1.dcm", 1234, now=10.5),
@@ -148,10 +155,9 @@ def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(engine: E
 
 
 def test_a_batch_larger_than_one_insert_takes_several(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, rec: index.InstanceRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(index, "_INSERT_ROWS", 3)
-    rec = index.InstanceRecorder(engine)
     assert rec.record(_instance(4), "MOD", "4.dcm", 10, now=1.0)
     batch = [index._Pending(_instance(i), "MOD", f"{i}.dcm", 10, now=2.0) for i in range(8)]
     assert rec._record(batch) == [i != 4 for i in range(8)]
@@ -161,8 +167,8 @@ def test_a_batch_larger_than_one_insert_takes_several(
 
 def test_a_driver_error_is_raised_as_sqlalchemys_and_keeps_the_connection(
     engine: Engine,
+    rec: index.InstanceRecorder,
 ) -> None:
-    rec = index.InstanceRecorder(engine)
     assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     kept = rec._kept[0]
     on_sqlite = engine.dialect.name == "sqlite"
@@ -187,8 +193,9 @@ def test_a_driver_error_is_raised_as_sqlalchemys_and_keeps_the_connection(
     rec.close()
 
 
-def test_a_kept_connection_closed_under_the_recorder_is_replaced(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+def test_a_kept_connection_closed_under_the_recorder_is_replaced(
+    engine: Engine, rec: index.InstanceRecorder
+) -> None:
     assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     dbapi_connection = rec._kept[0].connection.dbapi_connection
     assert dbapi_connection is not None
@@ -201,8 +208,9 @@ def test_a_kept_connection_closed_under_the_recorder_is_replaced(engine: Engine)
     rec.close()
 
 
-def test_the_kept_connection_goes_back_to_the_pool_on_close(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+def test_the_kept_connection_goes_back_to_the_pool_on_close(
+    engine: Engine, rec: index.InstanceRecorder
+) -> None:
     assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     assert rec.record(_instance(1), "MOD", "1.dcm", 10, now=2.0)
     assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # one, kept
@@ -224,6 +232,7 @@ def test_a_kept_connection_the_server_ended_is_replaced(postgres_url: str) -> No
                 text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
                 )
             ).scalar_one()
         assert ended == 1
@@ -236,13 +245,30 @@ def test_a_kept_connection_the_server_ended_is_replaced(postgres_url: str) -> No
         engine.dispose()
 
 
+def _turn_is_held(path: Path) -> bool:
+    """Whether some open file holds the turn at ``path`` (asked from a file of our own)."""
+    probe = WriterTurn(path, wait_s=0)
+    try:
+        fd = probe._open()
+        try:
+            db_module.fcntl.flock(fd, db_module.fcntl.LOCK_EX | db_module.fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        db_module.fcntl.flock(fd, db_module.fcntl.LOCK_UN)
+        return False
+    finally:
+        probe.close()
+
+
+def test_postgresql_needs_no_turns(engine: Engine) -> None:
+    assert (writer_turn(engine) is None) == (engine.dialect.name != "sqlite")
+
+
 def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
-    engine: Engine,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    engine = open_database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     turn = writer_turn(engine)
-    if engine.dialect.name != "sqlite":
-        assert turn is None  # the server arbitrates between writers
-        return
     assert turn is not None and turn.path.name == "index.sqlite3-writer.lock"
     # Another receiver process: its own open file, so flock() keeps the two apart.
     other = WriterTurn(turn.path)
@@ -253,16 +279,20 @@ def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
         rec.record(_instance(1), "MOD", "1.dcm", 10, now=100.0)
         done.set()
 
-    with other():
-        writer = threading.Thread(target=record)
-        writer.start()
-        assert not done.wait(0.3), "the recorder wrote while another held the turn"
-    assert done.wait(10), "the recorder did not write once the turn was free"
-    writer.join()
-    with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 1
-    rec.close()
-    other.close()
+    try:
+        with other():
+            writer = threading.Thread(target=record)
+            writer.start()
+            assert not done.wait(0.3), "the recorder wrote while another held the turn"
+        assert done.wait(10), "the recorder did not write once the turn was free"
+        writer.join()
+        assert "no turn at the index" not in caplog.text  # it had the turn: it did not give up
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 1
+    finally:
+        rec.close()
+        other.close()
+        engine.dispose()
 
 
 def test_a_turn_not_had_in_time_or_not_possible_means_writing_without(
@@ -274,7 +304,8 @@ def test_a_turn_not_had_in_time_or_not_possible_means_writing_without(
         pass  # entered: after the wait, without the turn
     assert "no turn at the index" in caplog.text and turn.enabled
     with turn():
-        pass  # and with it, now that it is free
+        assert _turn_is_held(path)  # and with it, now that it is free
+    assert not _turn_is_held(path)
     stuck.close()
 
     def no_flock(fd: int, operation: int) -> None:
@@ -287,13 +318,21 @@ def test_a_turn_not_had_in_time_or_not_possible_means_writing_without(
     turn.close()
 
 
-def test_a_forked_child_does_not_share_the_parents_turn(tmp_path: Path) -> None:
-    turn = WriterTurn(tmp_path / "index.sqlite3-writer.lock")
+def test_a_forked_child_does_not_end_the_parents_turn(tmp_path: Path) -> None:
+    turn = WriterTurn(tmp_path / "index.sqlite3-writer.lock", wait_s=0.1)
     with turn():
         pid = os.fork()
-        if pid == 0:  # the child: its own descriptor, so its turn waits for the parent's
-            ok = turn._fd is None and WriterTurn(turn.path, wait_s=0.1)._take() is None
-            os._exit(0 if ok else 1)
+        if pid == 0:
+            code = 1
+            try:
+                # The child takes a turn of its own (it cannot: the parent holds it) and
+                # leaves it. Sharing the parent's open file, its unlock would end the parent's.
+                with turn():
+                    pass
+                code = 0
+            finally:
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert _turn_is_held(turn.path)
     turn.close()

@@ -185,10 +185,10 @@ def test_several_receiver_processes_share_one_port(
     node_factory: type[NodeProcess], tmp_path: Path, chest_ct: ChestTruth
 ) -> None:
     node = node_factory(tmp_path / "multi", receivers=2).start()
-    receivers = node.receiver_pids()
-    assert len(receivers) == 2, "expected two receiver processes"
     # The port answers as soon as one receiver is up: wait for the node to say both are.
     wait_for(lambda: b"receiver processes share" in node.log.read_bytes(), 30, "receivers up")
+    receivers = node.receiver_pids()
+    assert len(receivers) == 2, "expected two receiver processes"
     _assert_split_evenly(node, receivers)
     files = [str(f) for f in chest_ct.files if f.parent.name == "002"]
     senders = [

@@ -252,11 +252,10 @@ def test_what_pynetdicom_must_judge_reaches_it_with_its_own_state() -> None:
     assert [o[1] for o in out] == ["C_STORE", "C_ECHO"]
 
 
-def test_a_bad_uid_is_left_for_pynetdicom_to_refuse() -> None:
+def test_a_uid_pydicom_would_warn_about_is_assembled_by_pynetdicom() -> None:
     command = _store_command(sop_instance=b"1.2.03")
-    assert parse_store_command(command) is None
     out = _same_as_pynetdicom([[(1, b"\x03" + command)], _data_pdvs(b"y" * 10, [])])
-    assert len(out) == 1
+    assert [(o[2]["AffectedSOPInstanceUID"], o[3]) for o in out] == [("1.2.03", b"y" * 10)]
 
 
 @settings(max_examples=150, deadline=None)
@@ -295,11 +294,14 @@ def test_any_fragmentation_gives_what_pynetdicom_gives(
 
 def test_a_dimse_listener_gets_pynetdicoms_own_path() -> None:
     assoc = _association(fast=True)
-    assoc.bind(fastpath.evt.EVT_DIMSE_RECV, lambda event: None)
+    heard: list[Any] = []
+    assoc.bind(fastpath.evt.EVT_DIMSE_RECV, lambda event: heard.append(event.message))
     assoc.dimse.receive_primitive(_p_data((1, b"\x03" + _store_command())))
     receiver = assoc.dimse.receive_primitive
     assert isinstance(receiver, StoreRequests) and receiver.pending is None
-    assert isinstance(assoc.dimse.message, C_STORE_RQ)
+    assoc.dimse.receive_primitive(_p_data((1, b"\x02" + b"data")))
+    assert [type(message).__name__ for message in heard] == ["C_STORE_RQ"]
+    assert assoc.dimse.msg_queue.get_nowait()[1].DataSet.getvalue() == b"data"
 
 
 def test_what_follows_a_whole_message_in_the_same_p_data_is_left_unread() -> None:

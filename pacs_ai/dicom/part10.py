@@ -87,14 +87,3 @@ def part10(
     """Preamble + "DICM" + file meta, and the data set exactly as received."""
     meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
     return Part10(_PREFIX + meta, dataset)
-
-
-def part10_bytes(
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    transfer_syntax_uid: str,
-    source_ae: str,
-    dataset: bytes,
-) -> bytes:
-    """Preamble + "DICM" + file meta + the data set exactly as received, as one string."""
-    return part10(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae, dataset).joined()

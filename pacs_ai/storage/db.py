@@ -83,14 +83,16 @@ class WriterTurn:
         """The descriptor holding the turn; None to write without one."""
         try:
             fd = self._open()
-            deadline = time.monotonic() + self.wait_s
+            deadline: float | None = None  # set only once the turn was found taken
             pause = 0.0001
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return fd
                 except BlockingIOError:
-                    if time.monotonic() >= deadline:
+                    if deadline is None:
+                        deadline = time.monotonic() + self.wait_s
+                    elif time.monotonic() >= deadline:
                         logger.warning(
                             "no turn at the index within %.0f s (%s held); writing without",
                             self.wait_s,

@@ -114,7 +114,7 @@ class Ingest:
             return StoreOutcome(
                 StoreStatus.SUCCESS, sop_instance_uid=sop, duplicate=True, header=header
             )
-        self.spool.store(header.study_instance_uid, header.series_instance_uid, sop, data)
+        self.spool.store_at(relative, data)
         added = self.recorder.record(
             header, calling_ae, relative.as_posix(), len(data), self.clock()
         )

@@ -267,7 +267,10 @@ class Spool:
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | Part10) -> Path:
         """Write ``data`` durably to its final place; return the path relative to the spool."""
-        relative = self.relative_path(study_uid, series_uid, sop_uid)
+        return self.store_at(self.relative_path(study_uid, series_uid, sop_uid), data)
+
+    def store_at(self, relative: Path, data: bytes | Part10) -> Path:
+        """:meth:`store` to a path :meth:`relative_path` already built (and so checked)."""
         self.check_room(len(data))
         final = self.root / relative
         folder = final.parent
