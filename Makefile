@@ -41,8 +41,9 @@ test: install system-deps lint typecheck
 	$(PY) -m pytest
 
 # The whole suite again with every test's database on PostgreSQL (tests/databases.py); `make
-# test` covers PostgreSQL only in the tests marked postgres. Needs a server on 127.0.0.1:5432
-# with trust auth, or PACS_AI_TEST_PG set to another admin URL.
+# test` covers PostgreSQL only in the tests marked postgres. Uses the server on 127.0.0.1:5432
+# when it lets user postgres in without a password, PACS_AI_TEST_PG's when set, and otherwise
+# starts a private throw-away one (tests/postgres_server.py).
 test-pg: install system-deps
 	PACS_AI_TEST_DATABASE=postgresql $(PY) -m pytest
 

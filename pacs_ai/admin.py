@@ -127,7 +127,7 @@ def delivery_retry(engine: Engine, delivery_id: int, now: float) -> Json:
 
 def rules_check(settings: Settings) -> Json:
     """Whether every rule's models are installed, and the rules as configured."""
-    from pacs_ai.models.registry import ModelRegistry
+    from pacs_ai.models.registry import ModelRegistry, not_installed
 
     # A registry of its own: registering the model folders again in the process-wide one
     # (a running node's) would log that each folder replaces itself.
@@ -139,10 +139,10 @@ def rules_check(settings: Settings) -> Json:
         problems.append(str(exc))
     models = registry.available()
     problems += [
-        f"rule {rule.name!r}: model {model!r} is not installed (installed: {', '.join(models)})"
+        f"rule {rule.name!r}: {why}"
         for rule in settings.rules
         for model in rule.models
-        if model not in models
+        if (why := not_installed(model, models))
     ]
     return {
         "valid": not problems,

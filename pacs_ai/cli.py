@@ -98,12 +98,21 @@ def worker(
         str | None,
         typer.Option(help="The node's HTTP URL, for a worker that shares no disk with it."),
     ] = None,
+    preload: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="A model to load at start, before the first job; repeatable. "
+            "Default: the models the enabled rules name.",
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker against the configured broker: inference and/or delivery.
 
     On a machine that shares no disk with the node, give --node-url and a token of role
     worker in PACS_AI_WORKER__TOKEN: the worker then fetches series over WADO-RS and hands
-    its results back over HTTP, and consumes only the infer queue.
+    its results back over HTTP, and consumes only the infer queue. Such a worker has no
+    rules of its own: --preload names the models to load before its first job.
     """
     import os
     import socket
@@ -121,12 +130,24 @@ def worker(
         os.environ["PACS_AI_WORKER__CONCURRENCY"] = str(concurrency)
     if node_url:
         os.environ["PACS_AI_WORKER__NODE_URL"] = node_url
+    if preload:
+        os.environ["PACS_AI_WORKER__PRELOAD"] = json.dumps(preload)
     settings = _settings(None)
     unknown = set(settings.worker.queues) - {"infer", "send"}
     if unknown:
         _fail(f"unknown queue(s) {sorted(unknown)}; use infer and/or send", 2)
     if not settings.broker.url:
         _fail("no broker: set [broker] url (or PACS_AI_BROKER__URL) to the node's Redis", 2)
+    if settings.worker.preload:
+        from pacs_ai.pipeline.warmup import check_preload
+
+        try:
+            check_preload(settings)
+        except ConfigError as exc:
+            _print_config_error(exc)
+            raise typer.Exit(2) from None
+        except PacsAiError as exc:
+            _fail(str(exc))
     from pacs_ai.node import configure_process
 
     configure_process(settings)

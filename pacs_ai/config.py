@@ -202,6 +202,11 @@ class WorkerSettings(_Section):
     # database and spool.
     node_url: str = Field("", pattern=r"^(|https?://[^\s/@]+(/\S*)?)$")
     token: str = Field("", repr=False)
+    # The models a worker loads when it starts, before its first job. Empty: those the
+    # enabled rules name. A worker on another machine usually has no rules of its own (they
+    # live on the node): name its models here, or its first job pays for the load. The names
+    # are checked when `pacs-ai worker` starts (pacs_ai.pipeline.warmup.check_preload).
+    preload: tuple[Annotated[str, Field(min_length=1)], ...] = ()
 
     @model_validator(mode="before")
     @classmethod

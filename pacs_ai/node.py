@@ -97,18 +97,15 @@ def _check_port_free(settings: Settings) -> None:
 
 def _check_rule_models(settings: Settings) -> None:
     """Refuse to start when a rule names a model that is not installed."""
-    from pacs_ai.models.registry import available, register_dirs
+    from pacs_ai.models.registry import available, not_installed, register_dirs
 
     register_dirs(settings.models.paths)
     installed = available()
     problems = [
-        (
-            f"rules.{rule.name}",
-            f"model {model!r} is not installed (installed: {', '.join(installed)})",
-        )
+        (f"rules.{rule.name}", why)
         for rule in settings.rules
         for model in rule.models
-        if model not in installed
+        if (why := not_installed(model, installed))
     ]
     if problems:
         raise ConfigError(problems, "rules")
@@ -273,6 +270,12 @@ class Node:
         settings = self.settings
         configure_process(settings)
         _check_rule_models(settings)
+        if self.ai_path and settings.worker.embedded:
+            # The embedded worker would refuse them too, and be restarted again and again.
+            # Imported here: warmup brings highdicom, which the receivers never need.
+            from pacs_ai.pipeline.warmup import check_preload
+
+            check_preload(settings)
         _check_port_free(settings)
         ingest = make_ingest(settings, run_migrations=True)
         auditor = Auditor(ingest.engine, settings)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pydicom.config
@@ -17,6 +16,7 @@ from tests.databases import (
     TEST_DATABASE,
     THROWAWAY,
     database_params,
+    empty_database,
     node_database,
     on_postgresql,
     postgres_database,
@@ -42,7 +42,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
     # Asked for PostgreSQL everywhere, a missing server is an error, not hundreds of skips.
     if on_postgresql() and (why := THROWAWAY.reachable()):
-        raise pytest.UsageError(f"{MODE_ENV}=postgresql, but {why}; set PACS_AI_TEST_PG")
+        raise pytest.UsageError(f"{MODE_ENV}=postgresql, but {why}")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -123,11 +123,7 @@ def database_url() -> Iterator[str]:
 @pytest.fixture(params=database_params())
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated index database: SQLite and PostgreSQL, or only PostgreSQL in that mode."""
-    with ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
-        else:
-            url = stack.enter_context(postgres_database())
+    with empty_database(request.param, tmp_path) as url:
         eng = open_database(url)
         yield eng
         if request.param != "sqlite":

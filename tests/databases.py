@@ -4,9 +4,11 @@
 on its own fresh PostgreSQL database; ``sqlite`` (the default) keeps each on SQLite in the
 test's temporary folder, while the tests marked ``postgres`` still cover PostgreSQL.
 
-The project machine runs PostgreSQL on 127.0.0.1:5432 with trust auth (``PACS_AI_TEST_PG``
-points elsewhere). Where none answers, the ``postgres`` tests skip with a message saying so;
-in CI (``CI`` set) they fail, and in PostgreSQL mode the session refuses to start.
+The server: ``PACS_AI_TEST_PG``'s admin URL when set, used as is; else the one on
+127.0.0.1:5432 with trust auth when it lets us in; else a private throw-away server
+(tests/postgres_server.py) started on first use and gone with the session. Where none can be
+had, the ``postgres`` tests skip with a message saying what is missing; in CI (``CI`` set) they
+fail, and in PostgreSQL mode the session refuses to start.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, make_url, text
+from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
+
+from tests.postgres_server import PostgresServer, ServerUnavailable
 
 MODE_ENV = "PACS_AI_TEST_DATABASE"
 MODES = ("sqlite", "postgresql")
 TEST_DATABASE = os.environ.get(MODE_ENV, "sqlite")
-PG_ADMIN_URL = os.environ.get(
-    "PACS_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+PG_ENV = "PACS_AI_TEST_PG"
+DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 NAME_PREFIX = "pacs_ai_test_"
 
 
@@ -46,19 +49,52 @@ class ThrowawayDatabases:
     fixture in conftest); whatever outlives that, a module-scoped node's for one, goes at the
     end of the session, or at interpreter exit outside pytest. ``WITH (FORCE)`` ends the
     connections a SIGKILLed node's children may still hold.
+
+    Without ``admin_url``, the server is found on first use: the one at ``default_url`` if it
+    lets us in, else a private one, stopped by ``close`` (at interpreter exit at the latest).
+    A default server that answers but refuses us (Debian's own cluster asks for a password)
+    counts as none.
     """
 
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url = make_url(admin_url)
+    def __init__(self, admin_url: str | None, default_url: str = DEFAULT_ADMIN_URL) -> None:
+        self._url: URL | None = make_url(admin_url) if admin_url else None
+        self._default_url = make_url(default_url)
+        self._server: PostgresServer | None = None
+        self._unavailable = ""  # why no server could be had, once known: tried only once
         self._admin: Engine | None = None
         self._made: dict[str, int] = {}  # live database name -> serial, for drop_since
         self._serial = 0
-        atexit.register(self.drop_all)
+        atexit.register(self.close)
+
+    @property
+    def private_server(self) -> PostgresServer | None:
+        """The private server started for this registry, if it had to start one."""
+        return self._server
+
+    def admin_url(self) -> URL:
+        """The server's admin URL, starting a private server if need be.
+
+        Raises ``ServerUnavailable`` when there is none and none could be started.
+        """
+        if self._url is not None:
+            return self._url
+        if self._unavailable:
+            raise ServerUnavailable(self._unavailable)
+        if _lets_in(self._default_url):
+            self._url = self._default_url
+            return self._url
+        try:
+            self._server = PostgresServer.start()
+        except ServerUnavailable as exc:
+            self._unavailable = f"no PostgreSQL at {self._default_url!r}, and {exc}"
+            raise ServerUnavailable(self._unavailable) from exc
+        self._url = make_url(self._server.admin_url)
+        return self._url
 
     def _connect_admin(self) -> Connection:
         if self._admin is None:
             self._admin = create_engine(
-                self.admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool
+                self.admin_url(), isolation_level="AUTOCOMMIT", poolclass=NullPool
             )
         return self._admin.connect()
 
@@ -67,8 +103,10 @@ class ThrowawayDatabases:
         try:
             with self._connect_admin() as conn:
                 conn.execute(text("SELECT 1"))
+        except ServerUnavailable as exc:
+            return str(exc)
         except DBAPIError as exc:
-            return f"no PostgreSQL at {self.admin_url!r} ({type(exc.orig).__name__}: {exc.orig})"
+            return f"no PostgreSQL at {self._url!r} ({type(exc.orig).__name__}: {exc.orig})"
         return ""
 
     def create(self) -> str:
@@ -77,18 +115,19 @@ class ThrowawayDatabases:
         try:
             with self._connect_admin() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
-        except DBAPIError as exc:
+        except (ServerUnavailable, DBAPIError) as exc:
+            if isinstance(exc, ServerUnavailable):
+                why = str(exc)
+            else:
+                why = f"no PostgreSQL at {self._url!r} ({type(exc.orig).__name__}); set {PG_ENV}"
             if os.environ.get("CI"):
                 raise AssertionError(
-                    f"PostgreSQL is required in CI and unreachable: {exc}"
+                    f"PostgreSQL is required in CI and unreachable: {why}"
                 ) from exc
-            pytest.skip(
-                f"no PostgreSQL at {self.admin_url!r} ({type(exc.orig).__name__}); "
-                "set PACS_AI_TEST_PG"
-            )
+            pytest.skip(why)
         self._made[name] = self._serial
         self._serial += 1
-        return self.admin_url.set(database=name).render_as_string(hide_password=False)
+        return self.admin_url().set(database=name).render_as_string(hide_password=False)
 
     def drop(self, url: str) -> None:
         """Drop the database at ``url`` if this registry made it and it is still there."""
@@ -106,6 +145,18 @@ class ThrowawayDatabases:
     def drop_all(self) -> None:
         self._drop(list(self._made))
 
+    def close(self) -> None:
+        """Drop what is left, or stop the private server (which takes everything with it)."""
+        try:
+            if self._server is None:
+                self.drop_all()
+        finally:
+            if self._admin is not None:
+                self._admin.dispose()
+                self._admin = None
+            if self._server is not None:
+                self._server.stop()
+
     def _drop(self, names: list[str]) -> None:
         if not names:
             return
@@ -115,7 +166,20 @@ class ThrowawayDatabases:
                 del self._made[name]
 
 
-THROWAWAY = ThrowawayDatabases(PG_ADMIN_URL)
+def _lets_in(url: URL) -> bool:
+    """Whether the server at ``url`` answers and lets us in as its admin."""
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except DBAPIError:
+        return False
+    finally:
+        engine.dispose()
+    return True
+
+
+THROWAWAY = ThrowawayDatabases(os.environ.get(PG_ENV) or None)
 
 
 @contextmanager
@@ -152,6 +216,16 @@ def database_params() -> list[Any]:
     """Parameters of a fixture that runs its tests on each database of this run, once."""
     postgres = pytest.param("postgresql", marks=pytest.mark.postgres)
     return [postgres] if on_postgresql() else ["sqlite", postgres]
+
+
+@contextmanager
+def empty_database(param: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database of the kind one of :func:`database_params` names."""
+    if param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    else:
+        with postgres_database() as url:
+            yield url
 
 
 def read_rows(url: str, sql: str) -> list[tuple[Any, ...]]:

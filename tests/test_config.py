@@ -187,3 +187,11 @@ def test_a_rule_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> 
     assert "no-such-model" in result.stderr and "ct-organs-threshold" in result.stderr
     check = pacs_ai_cli("rules", "check", "--config", str(path))
     assert check.returncode == 2 and "no-such-model" in check.stderr
+
+
+def test_a_preload_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> None:
+    path = write(tmp_path, '[worker]\npreload = ["no-such-model"]\n')
+    result = pacs_ai_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "worker.preload: model 'no-such-model' is not installed" in result.stderr
+    assert not (tmp_path / "pacs-ai-data").exists()

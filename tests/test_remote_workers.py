@@ -244,14 +244,20 @@ def test_only_worker_tokens_reach_the_worker_api(remote: Remote, tmp_path: Path)
 
 
 def start_remote_worker(
-    workdir: Path, broker_url: str, node_url: str, token: str
+    workdir: Path,
+    broker_url: str,
+    node_url: str,
+    token: str,
+    *args: str,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``pacs-ai worker`` as a GPU server runs it: no config file, no data dir, own cwd."""
+    """``pacs-ai worker`` as a GPU server runs it: no config file, no data dir, own cwd;
+    ``args`` and ``env`` added to its command line and environment."""
     workdir.mkdir(parents=True)
-    env = {
+    environment = {
         k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_") or k == "PACS_AI_TEST"
     }
-    env |= {
+    environment |= {
         "PACS_AI_BROKER__URL": broker_url,
         "PACS_AI_WORKER__NODE_URL": node_url,
         "PACS_AI_WORKER__TOKEN": token,
@@ -259,9 +265,9 @@ def start_remote_worker(
     }
     with (workdir / "worker.log").open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "pacs_ai", "worker"],
+            [sys.executable, "-m", "pacs_ai", "worker", *args],
             cwd=workdir,
-            env=env,
+            env=environment | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

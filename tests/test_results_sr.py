@@ -230,6 +230,45 @@ def test_a_negative_result_is_reported_without_a_seg(
     assert evaluation.value == coded(ABSENT)
     errors, output = dciodvfy_errors(path)
     assert not errors, output
+    # No key slice to list: the image library holds the two ends of the volume, and the
+    # evidence every slice the model read.
+    assert library_images(pydicom.dcmread(path)) == [
+        sources[0].SOPInstanceUID,
+        sources[-1].SOPInstanceUID,
+    ]
+    evidence = pydicom.dcmread(path).CurrentRequestedProcedureEvidenceSequence
+    referenced = [
+        item.ReferencedSOPInstanceUID
+        for study in evidence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert sorted(referenced) == sorted(ds.SOPInstanceUID for ds in sources)
+
+
+def test_the_image_library_lists_the_key_slices(
+    sr_file: Path, sources: list[Dataset], prediction: Prediction
+) -> None:
+    centres = [f.center for f in prediction.findings if f.center is not None]
+    assert centres
+    expected = {sources[k].SOPInstanceUID for k, _, _ in centres}
+    listed = library_images(pydicom.dcmread(sr_file))
+    assert sorted(listed) == sorted(expected)
+
+
+def library_images(sr: Dataset) -> list[str]:
+    """The SOP Instance UIDs of the IMAGE items of the report's Image Library (TID 1600)."""
+    (library,) = [
+        item
+        for item in items(sr)
+        if item.ValueType == "CONTAINER"
+        and item.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
+    ]
+    return [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in items(library)
+        if item.ValueType == "IMAGE"
+    ]
 
 
 def test_inputs_that_do_not_belong_together_are_refused(

@@ -291,6 +291,53 @@ def test_uncompressed_pixels_are_read_in_place_as_pydicom_decodes_them(
     np.testing.assert_array_equal(volume.voxels[0], expected)
 
 
+@pytest.mark.parametrize(
+    ("allocated", "signed", "slope", "intercept"),
+    [
+        (16, 1, 1, -1024),  # the usual CT: the float32 shortcut
+        (16, 0, 1, -32768),  # unsigned, shifted
+        (16, 1, 255, 7),  # the largest integer slope the shortcut takes for 16 bits
+        (16, 0, 257, -(2**24)),  # 257 * 65535 rounds in float32 before the intercept
+        (8, 0, 2, -1),
+        (16, 1, 1.5, -1024),  # a fractional slope
+        (32, 1, 1, -2147483000),  # 32-bit values round in float32 before the intercept
+    ],
+)
+def test_integer_rescales_give_what_float64_gives(
+    series: list[Dataset], allocated: int, signed: int, slope: float, intercept: float
+) -> None:
+    ds = series[0]
+    ds.Rows, ds.Columns = 4, 8
+    ds.BitsAllocated = ds.BitsStored = allocated
+    ds.HighBit, ds.PixelRepresentation = allocated - 1, signed
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    kind = f"<{'i' if signed else 'u'}{allocated // 8}"
+    info = np.iinfo(kind)
+    # The extremes of the type and values around them, where rounding would show.
+    values = np.array([info.min, info.min + 1, -3, -1, 0, 1, 3, info.max - 1, info.max] * 4)
+    stored = np.clip(values, info.min, info.max)[:32].astype(kind).reshape(4, 8)
+    ds.PixelData = stored.tobytes()
+    expected = (stored.astype(np.float64) * float(slope) + float(intercept)).astype(np.float32)
+    volume = build_volume([ds], require_3d=False)
+    np.testing.assert_array_equal(volume.voxels[0], expected)
+
+
+def test_a_series_is_loaded_in_the_order_of_its_paths(study: ChestTruth, tmp_path: Path) -> None:
+    paths = list(study.files)
+    random.Random(7).shuffle(paths)
+    loaded = load_series(paths)
+    assert [str(ds.SOPInstanceUID) for ds in loaded] == [
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths
+    ]
+    # One bad file among many is named, whichever thread read it.
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    with pytest.raises(NotAVolume, match=r"notes\.txt is not a DICOM file"):
+        load_series([*paths[:10], bad, *paths[10:]])
+    with pytest.raises(FileNotFoundError):
+        load_series([*paths[:10], tmp_path / "gone.dcm"])
+
+
 def test_single_slice_is_a_volume_only_when_3d_is_not_required() -> None:
     datasets = load_series([real_file("CT_small.dcm")])
     with pytest.raises(NotAVolume, match="single slice") as refused:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -46,6 +47,8 @@ ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE_FRACTION = 0.01
 """Slice steps may differ from the typical step by the larger of these (DS values are rounded)."""
+LOAD_THREADS = 4
+"""Files of a series read at once by :func:`load_series`."""
 
 # Rescaled values of these modalities are physical quantities whatever RescaleType says.
 _QUANTITATIVE_MODALITIES = frozenset({"CT", "PT"})
@@ -96,18 +99,26 @@ class _Plane(NamedTuple):
 
 
 def load_series(paths: Sequence[Path]) -> list[Dataset]:
-    """Read the instances of one series, pixel data included.
+    """Read the instances of one series, pixel data included, in the order of ``paths``.
 
     A file that is not DICOM raises :class:`NotAVolume`; an ``OSError`` propagates, since it
     says nothing about the series and a retry may succeed.
     """
-    datasets: list[Dataset] = []
-    for path in paths:
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except InvalidDicomError as exc:
-            raise NotAVolume(f"{path.name} is not a DICOM file: {exc}") from exc
-    return datasets
+    if len(paths) < 2:
+        return [_read(path) for path in paths]
+    # The spool writes with O_DIRECT, so a series is read from the disk, not the page cache:
+    # a few reads in flight hide the disk's latency behind the parsing of the other files
+    # (300 slices cold: 0.57-0.74 s one by one, 0.31 s four at a time). Parsing holds the
+    # GIL, so more threads would only wait for it.
+    with ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="load-series") as pool:
+        return list(pool.map(_read, paths))
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise NotAVolume(f"{path.name} is not a DICOM file: {exc}") from exc
 
 
 def build_volume(datasets: Sequence[Dataset], require_3d: bool = True) -> Volume:
@@ -323,12 +334,34 @@ def _modality_values(
     if ds.get("ModalityLUTSequence"):
         out[...] = apply_modality_lut(stored, ds)
         return
-    # Per slice: slopes and intercepts may differ within a series. float64 first, so that
-    # large stored values times a fractional slope keep their precision; rounded once to
-    # float32 by the copy into ``out``.
-    np.multiply(stored, _number(ds, "RescaleSlope", 1.0), out=scratch)
-    scratch += _number(ds, "RescaleIntercept", 0.0)
+    # Per slice: slopes and intercepts may differ within a series.
+    slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+    if _exact_in_float32(stored, slope, intercept):
+        # The usual CT (slope 1, intercept -1024, 16-bit values): every result is an integer
+        # below 2^24, which float32 holds exactly, so there is nothing to round and no need
+        # for the float64 detour (two passes over twice the bytes).
+        out[...] = stored
+        if slope != 1.0:
+            out *= np.float32(slope)
+        if intercept != 0.0:
+            out += np.float32(intercept)
+        return
+    # float64 first, so that large stored values times a fractional slope keep their
+    # precision; rounded once to float32 by the copy into ``out``.
+    np.multiply(stored, slope, out=scratch)
+    scratch += intercept
     out[...] = scratch
+
+
+def _exact_in_float32(stored: NDArray[Any], slope: float, intercept: float) -> bool:
+    """Whether ``stored * slope + intercept`` and every step towards it are integers that
+    float32 represents exactly (magnitude below 2^24), whatever the stored values are."""
+    if stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2:
+        return False
+    if not (slope.is_integer() and intercept.is_integer()):
+        return False
+    largest = 1 << (8 * stored.dtype.itemsize)  # above any 8- or 16-bit magnitude
+    return abs(slope) * largest + abs(intercept) < 2**24
 
 
 def _stored_values(ds: Dataset, plane: _Plane) -> NDArray[Any]:

@@ -23,7 +23,7 @@ module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TypeVar
@@ -151,6 +151,13 @@ _default = ModelRegistry()
 def available() -> dict[str, ModelManifest]:
     """The manifest of every model this process can run, by name."""
     return _default.available()
+
+
+def not_installed(name: str, installed: Collection[str]) -> str | None:
+    """Why ``name`` cannot run here, naming the models that can; ``None`` when it can."""
+    if name in installed:
+        return None
+    return f"model {name!r} is not installed (installed: {', '.join(installed) or 'none'})"
 
 
 def create(name: str) -> Model:

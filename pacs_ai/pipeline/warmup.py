@@ -7,7 +7,8 @@ whatever study happens to come first. So, when the process starts:
 
 1. a rehearsal: a tiny synthetic CT series goes through the job's own steps (bytes → datasets
    → volume → SEG → SR → bytes), which touches every lazily initialised path of the encode;
-2. the models the enabled rules name are loaded into the process's :class:`ModelCache`.
+2. the models it will run are loaded into the process's :class:`ModelCache`: those
+   ``worker.preload`` names, else those the enabled rules name (:func:`models_to_load`).
 
 It runs in a daemon thread (:func:`start`): Celery kills a pool process that takes longer
 than ``worker_proc_alive_timeout`` to come up, and a large model on a slow disk may. A job
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pacs_ai.config import Settings
+from pacs_ai.errors import ConfigError
 from pacs_ai.imaging.volume import build_volume, in_volume_order
 from pacs_ai.models.base import (
     ANATOMICAL_STRUCTURE,
@@ -60,6 +62,41 @@ def rule_models(settings: Settings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def models_to_load(settings: Settings) -> list[str]:
+    """What the warm-up loads: ``worker.preload`` when set, else the enabled rules' models."""
+    if settings.worker.preload:
+        return list(dict.fromkeys(settings.worker.preload))
+    return rule_models(settings)
+
+
+def check_preload(settings: Settings) -> None:
+    """Raise :class:`ConfigError` for each ``worker.preload`` name this machine cannot load.
+
+    Called by ``pacs-ai worker`` before Celery starts, not by the settings' validation:
+    which models exist is a fact of the machine that runs them (its installed plugins, its
+    ``models.paths``), while the settings are read by every process and command on every
+    machine, and listing the models imports each model's module (scipy, a plugin's own code).
+    A GPU server that named a model it does not have refuses to start, with the name and
+    the models it has, as ``pacs-ai serve`` does for a rule's model: a warning in its log
+    would only be found when the first study comes late. A model folder that cannot be read
+    raises :class:`~pacs_ai.errors.ModelLoadError`.
+    """
+    if not settings.worker.preload or "infer" not in settings.worker.queues:
+        return  # only an inference worker warms up
+    # Imported here: listing the models imports their modules.
+    from pacs_ai.models.registry import available, not_installed, register_dirs
+
+    register_dirs(settings.models.paths)
+    installed = available()
+    problems = [
+        ("worker.preload", why)
+        for name in settings.worker.preload
+        if (why := not_installed(name, installed))
+    ]
+    if problems:
+        raise ConfigError(problems, "worker")
+
+
 def start(settings: Settings, models: ModelCache) -> threading.Thread | None:
     """Warm this process up in the background, if it runs inference; the thread, else None."""
     if "infer" not in settings.worker.queues:
@@ -70,7 +107,7 @@ def start(settings: Settings, models: ModelCache) -> threading.Thread | None:
 
 
 def warm_up(settings: Settings, models: ModelCache) -> None:
-    """Rehearse the encode, then load the rules' models; log, never raise.
+    """Rehearse the encode, then load :func:`models_to_load`; log, never raise.
 
     A job that arrives meanwhile waits in ``models.timed_get`` until this is done: run side
     by side, both would only be slower.
@@ -83,7 +120,7 @@ def warm_up(settings: Settings, models: ModelCache) -> None:
             # A bug in the rehearsal must not stop a worker whose jobs may well run.
             logger.exception("warm-up: the rehearsal encode failed")
         rehearsed = time.perf_counter() - started
-        loaded = [name for name in rule_models(settings) if _load(models, name)]
+        loaded = [name for name in models_to_load(settings) if _load(models, name)]
     logger.info(
         "warm-up done in %.1f s (rehearsal %.1f s); models loaded: %s",
         time.perf_counter() - started,

@@ -8,6 +8,7 @@ assembled separately (PS3.4 gives no promise that two senders send the same inst
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     ForeignKey,
@@ -20,6 +21,14 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+
+# For values that may pass 2**31 - 1, PostgreSQL's INTEGER limit: sizes of instances (a
+# whole-slide or long cine one passes 2 GiB), numbers a sender may give past the IS range,
+# and the keys of the tables that grow by one row per image or event (a node that receives
+# a million images a day numbers its 2^31st in six years; keys are never reused). SQLite's
+# INTEGER already holds 64 bits, and only INTEGER PRIMARY KEY is its rowid, so there it
+# stays (migration 0010).
+BIG_INTEGER = BigInteger().with_variant(Integer(), "sqlite")
 
 SOURCE, RESULT = "source", "result"
 
@@ -80,7 +89,7 @@ series = Table(
     Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
     Column("series_instance_uid", String(64), nullable=False),
     Column("modality", String(16), nullable=False, default=""),
-    Column("series_number", Integer, nullable=True),
+    Column("series_number", BIG_INTEGER, nullable=True),
     Column("series_description", String(64), nullable=False, default=""),
     Column("body_part_examined", String(64), nullable=False, default=""),
     Column("protocol_name", String(64), nullable=False, default=""),
@@ -96,16 +105,16 @@ series = Table(
 instances = Table(
     "instances",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_INTEGER, primary_key=True, autoincrement=True),
     Column("sop_instance_uid", String(64), nullable=False, unique=True),
     Column("sop_class_uid", String(64), nullable=False),
     Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
     Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
-    Column("instance_number", Integer, nullable=True),
+    Column("instance_number", BIG_INTEGER, nullable=True),
     Column("transfer_syntax_uid", String(64), nullable=False),
     # Relative to the spool root: studies/<Study>/<Series>/<SOP>.dcm
     Column("path", String(200), nullable=False),
-    Column("size_bytes", Integer, nullable=False),
+    Column("size_bytes", BIG_INTEGER, nullable=False),
     Column("calling_ae", String(16), nullable=False),
     Column("received_at", Float, nullable=False),
     # Further receptions of the same SOP Instance UID: stored once, counted here.
@@ -209,7 +218,7 @@ COMMITMENT_STATES = ("", COMMITMENT_REQUESTED, COMMITTED, FAILED, UNANSWERED)
 commitment_items = Table(
     "commitment_items",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_INTEGER, primary_key=True, autoincrement=True),
     Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False),
     Column("sop_class_uid", String(64), nullable=False),
     Column("sop_instance_uid", String(64), nullable=False),
@@ -276,7 +285,7 @@ reviews = Table(
 audit = Table(
     "audit",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG_INTEGER, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("kind", String(32), nullable=False),
     # DICOM audit codes (PS3.15 A.5.3): EventID, EventTypeCode, EventActionCode.
