@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -123,8 +124,22 @@ class PostgresServer:
         return self.folder / "data"
 
     @classmethod
-    def start(cls, timeout: float = 60) -> PostgresServer:
-        """initdb and start a server; ``ServerUnavailable`` with the reason if that fails."""
+    def start(cls, timeout: float = 60, tries: int = 3) -> PostgresServer:
+        """initdb and start a server; ``ServerUnavailable`` with the reason if that fails.
+
+        The free port is found before the server binds it, and another process may take it
+        in between: that one failure is worth another port, not a session without PostgreSQL.
+        """
+        for attempt in range(1, tries + 1):
+            try:
+                return cls._start(timeout)
+            except ServerUnavailable as exc:
+                if attempt == tries or "could not bind" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, timeout: float) -> PostgresServer:
         bindir = find_bindir()
         if bindir is None:
             raise ServerUnavailable(
@@ -201,7 +216,9 @@ class PostgresServer:
         try:
             self._watchdog.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._watchdog.kill()
+            # The server is in the watchdog's process group (start_new_session): kill both,
+            # or a postmaster would outlive its session, listening with trust auth.
+            os.killpg(self._watchdog.pid, signal.SIGKILL)
             self._watchdog.wait()
         if not self._log.closed:
             self._log.close()

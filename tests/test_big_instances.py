@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -83,6 +85,23 @@ def test_numbers_past_the_is_range_are_recorded(engine: Engine) -> None:
             )
         ).one()
     assert tuple(stored) == (BIG_NUMBER, -BIG_NUMBER)
+
+
+def test_an_instance_number_past_64_bits_is_recorded_as_absent(engine: Engine) -> None:
+    """20 digits where IS allows 12: pydicom reads them, and no index column holds them."""
+    buffer = BytesIO()
+    ds = pydicom.dcmread(real_file("CT_small.dcm"))
+    ds.InstanceNumber = 1
+    ds.save_as(buffer, enforce_file_format=True)
+    plain = b"\x20\x00\x13\x00IS\x02\x001 "
+    data = buffer.getvalue().replace(plain, b"\x20\x00\x13\x00IS\x14\x00" + b"9" * 20)
+    assert data != buffer.getvalue()
+    header = read_header(data)
+    assert header.instance_number is None
+    with closing(index.InstanceRecorder(engine)) as rec:
+        assert rec.record(header, "MOD", "long.dcm", len(data), now=1.0)
+    with engine.connect() as conn:
+        assert conn.execute(select(instances.c.instance_number)).scalar_one() is None
 
 
 def test_keys_run_past_2_to_the_31(engine: Engine) -> None:

@@ -23,6 +23,7 @@ from pydicom.uid import UID, generate_uid
 from pacs_ai.errors import NotAVolume
 from pacs_ai.imaging.volume import (
     Volume,
+    _exact_in_float32,
     build_volume,
     frames_for,
     in_volume_order,
@@ -320,6 +321,18 @@ def test_integer_rescales_give_what_float64_gives(
     expected = (stored.astype(np.float64) * float(slope) + float(intercept)).astype(np.float32)
     volume = build_volume([ds], require_3d=False)
     np.testing.assert_array_equal(volume.voxels[0], expected)
+
+
+def test_the_float32_shortcut_is_taken_exactly_where_it_is_exact() -> None:
+    def exact(dtype: str, slope: float, intercept: float = 0.0) -> bool:
+        return _exact_in_float32(np.zeros(4, dtype=dtype), float(slope), float(intercept))
+
+    assert exact("<i2", 1, -1024) and exact("<u2", 255) and exact("u1", 65535)
+    assert exact("<i2", -255, 2**24 - 255 * 65536 - 1)
+    assert not exact("<i2", 256)  # 256 * 2^16 reaches 2^24
+    assert not exact("<i2", 1, 2**24)
+    assert not exact("<i2", 1.5) and not exact("<i2", 1, -0.5)
+    assert not exact("<i4", 1) and not exact("<f4", 1) and not exact("<i8", 1)
 
 
 def test_a_series_is_loaded_in_the_order_of_its_paths(study: ChestTruth, tmp_path: Path) -> None:

@@ -585,9 +585,12 @@ def _text(value: Any) -> str:
 
 def _int(value: Any) -> int | None:
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    # An IS longer than its 12 characters (pydicom only warns) can pass what the index's
+    # 64-bit column holds: such a number is as good as absent, not a reason to refuse.
+    return number if number is None or -(2**63) <= number < 2**63 else None
 
 
 def _float(value: Any) -> float | None:
