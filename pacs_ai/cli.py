@@ -138,19 +138,19 @@ def worker(
         _fail(f"unknown queue(s) {sorted(unknown)}; use infer and/or send", 2)
     if not settings.broker.url:
         _fail("no broker: set [broker] url (or PACS_AI_BROKER__URL) to the node's Redis", 2)
-    if settings.worker.preload:
-        from pacs_ai.pipeline.warmup import check_preload
-
-        try:
-            check_preload(settings)
-        except ConfigError as exc:
-            _print_config_error(exc)
-            raise typer.Exit(2) from None
-        except PacsAiError as exc:
-            _fail(str(exc))
     from pacs_ai.node import configure_process
 
     configure_process(settings)
+    # After the logging is set up: listing the models logs what it leaves out.
+    from pacs_ai.pipeline.warmup import check_preload
+
+    try:
+        check_preload(settings)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        raise typer.Exit(2) from None
+    except PacsAiError as exc:
+        _fail(str(exc))
     from workers.celery_app import app as celery_app
 
     celery_app.worker_main(

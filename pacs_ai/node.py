@@ -95,8 +95,8 @@ def _check_port_free(settings: Settings) -> None:
             raise NetworkError(f"cannot listen on {node.bind}:{port}: {exc.strerror}") from None
 
 
-def _check_rule_models(settings: Settings) -> list[str]:
-    """Refuse to start when a rule names a model that is not installed; the installed ones."""
+def _check_rule_models(settings: Settings) -> None:
+    """Refuse to start when a rule names a model that is not installed."""
     from pacs_ai.models.registry import available, not_installed, register_dirs
 
     register_dirs(settings.models.paths)
@@ -109,7 +109,6 @@ def _check_rule_models(settings: Settings) -> list[str]:
     ]
     if problems:
         raise ConfigError(problems, "rules")
-    return list(installed)
 
 
 def _receiver_process(
@@ -270,13 +269,13 @@ class Node:
     def run(self) -> None:
         settings = self.settings
         configure_process(settings)
-        installed = _check_rule_models(settings)
+        _check_rule_models(settings)
         if self.ai_path and settings.worker.embedded:
             # The embedded worker would refuse them too, and be restarted again and again.
             # Imported here: warmup brings highdicom, which the receivers never need.
             from pacs_ai.pipeline.warmup import check_preload
 
-            check_preload(settings, installed)
+            check_preload(settings)
         _check_port_free(settings)
         ingest = make_ingest(settings, run_migrations=True)
         auditor = Auditor(ingest.engine, settings)

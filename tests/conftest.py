@@ -22,6 +22,7 @@ from tests.databases import (
     postgres_database,
 )
 from tests.peers import DCMTK, ORTHANC, NodeProcess, OrthancProcess
+from tests.web import Remote, remote_node
 
 REQUIRED_TOOLS = [DCMTK / "storescu", DCMTK / "echoscu", ORTHANC, DCMTK / "dciodvfy"]
 
@@ -133,3 +134,10 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
             # connection collected after its pool was disposed warns that it was left open.
             gc.collect()
         eng.dispose()
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[Remote]:
+    """A node reachable only over HTTP and its broker, as a worker elsewhere sees it."""
+    with remote_node(tmp_path) as node:
+        yield node

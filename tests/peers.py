@@ -25,6 +25,7 @@ from typing import Any
 
 from pacs_ai.processes import stop_process
 from tests.databases import THROWAWAY, on_postgresql, read_rows
+from tests.ports import free_port
 
 DCMTK = Path("/usr/bin")
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -34,10 +35,13 @@ ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def without_node_settings(**overrides: str) -> dict[str, str]:
+    """This process's environment without its PACS_AI_ settings, plus ``overrides``: what a
+    node or worker started here sees of the test run's own configuration is nothing."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_") or k == "PACS_AI_TEST"
+    }
+    return env | overrides
 
 
 def wait_for(

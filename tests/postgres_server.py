@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
+
+from tests.ports import free_port
 
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
 FIX = (
@@ -82,13 +83,6 @@ def find_bindir() -> Path | None:
         if all(os.access(bindir / tool, os.X_OK) for tool in ("initdb", "postgres")):
             return bindir
     return None
-
-
-# tests.peers has the same, but it imports tests.databases, which imports this module.
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_as() -> tuple[int, int] | None:
@@ -163,7 +157,7 @@ class PostgresServer:
                     f"{bindir / 'initdb'} failed ({initdb.returncode}): "
                     f"{initdb.stderr.strip()[-2000:]}"
                 )
-            port = _free_port()
+            port = free_port()
             command = [
                 str(bindir / "postgres"), "-D", str(folder / "data"), "-p", str(port),
                 "-k", str(folder), "-c", "listen_addresses=127.0.0.1",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,20 @@ def test_register_dirs_makes_folders_available_by_name(tmp_path: Path) -> None:
         model.predict(make_volume(phantom()))
     model.load("cpu")
     assert model.predict(make_volume(phantom())).labelmap.any()
+
+
+def test_a_folder_registered_again_replaces_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = model_dir(tmp_path / "a" / "net", manifest("tissue-net"), pointwise())
+    registry = ModelRegistry(entry_points=False, builtins=False)
+    with caplog.at_level(logging.WARNING, logger="pacs_ai.models.registry"):
+        registry.register_dirs([first])
+        registry.register_dirs([first])  # the CLI's check, then the worker it starts
+        assert "replaces" not in caplog.text
+        other = model_dir(tmp_path / "b" / "net", manifest("tissue-net"), pointwise())
+        registry.register_dirs([other])
+    assert f"model folder {other} replaces the model tissue-net" in caplog.text
 
 
 def test_discover_reports_every_broken_folder_and_duplicate_names(tmp_path: Path) -> None:

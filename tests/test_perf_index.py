@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,6 +18,7 @@ from pacs_ai.storage import db as db_module
 from pacs_ai.storage import index
 from pacs_ai.storage.db import WriterTurn, open_database, writer_turn
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, SOURCE, instances
+from tests.peers import wait_for
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
@@ -155,14 +157,14 @@ def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(
 
 
 def test_a_batch_larger_than_one_insert_takes_several(
-    engine: Engine, rec: index.InstanceRecorder, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, rec: index.InstanceRecorder
 ) -> None:
-    monkeypatch.setattr(index, "_INSERT_ROWS", 3)
-    assert rec.record(_instance(4), "MOD", "4.dcm", 10, now=1.0)
-    batch = [index._Pending(_instance(i), "MOD", f"{i}.dcm", 10, now=2.0) for i in range(8)]
-    assert rec._record(batch) == [i != 4 for i in range(8)]
+    count, held = 2 * index._INSERT_ROWS + 3, index._INSERT_ROWS + 4  # three INSERTs
+    assert rec.record(_instance(held), "MOD", f"{held}.dcm", 10, now=1.0)
+    batch = [index._Pending(_instance(i), "MOD", f"{i}.dcm", 10, now=2.0) for i in range(count)]
+    assert rec._record(batch) == [i != held for i in range(count)]
     (study,) = index.list_studies(engine)
-    assert (study.instance_count, study.duplicates) == (8, 1)
+    assert (study.instance_count, study.duplicates) == (count, 1)
 
 
 def test_a_driver_error_is_raised_as_sqlalchemys_and_keeps_the_connection(
@@ -279,11 +281,20 @@ def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
         rec.record(_instance(1), "MOD", "1.dcm", 10, now=100.0)
         done.set()
 
+    def waiting_for_its_turn() -> bool:
+        frame = sys._current_frames().get(writer.ident or 0)
+        while frame is not None and frame.f_code is not WriterTurn._take.__code__:
+            frame = frame.f_back
+        return frame is not None
+
     try:
         with other():
             writer = threading.Thread(target=record)
             writer.start()
-            assert not done.wait(0.3), "the recorder wrote while another held the turn"
+            wait_for(waiting_for_its_turn, 10, "the recorder to wait for its turn", interval=0.01)
+            assert not done.is_set(), "the recorder wrote while another held the turn"
+            with engine.connect() as conn:
+                assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 0
         assert done.wait(10), "the recorder did not write once the turn was free"
         writer.join()
         assert "no turn at the index" not in caplog.text  # it had the turn: it did not give up
@@ -296,7 +307,7 @@ def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
 
 
 def test_a_turn_not_had_in_time_or_not_possible_means_writing_without(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "index.sqlite3-writer.lock"
     stuck, turn = WriterTurn(path), WriterTurn(path, wait_s=0.2)
@@ -307,15 +318,14 @@ def test_a_turn_not_had_in_time_or_not_possible_means_writing_without(
         assert _turn_is_held(path)  # and with it, now that it is free
     assert not _turn_is_held(path)
     stuck.close()
-
-    def no_flock(fd: int, operation: int) -> None:
-        raise OSError(37, "No locks available")
-
-    monkeypatch.setattr(db_module.fcntl, "flock", no_flock)
-    with turn():
-        pass
-    assert not turn.enabled and "cannot take turns" in caplog.text
     turn.close()
+
+    # A lock file that cannot be had (here: its folder is gone; on NFS, flock's ENOLCK).
+    lost = WriterTurn(tmp_path / "gone" / "index.sqlite3-writer.lock")
+    with lost():
+        pass
+    assert not lost.enabled and "cannot take turns" in caplog.text
+    lost.close()
 
 
 def test_a_forked_child_does_not_end_the_parents_turn(tmp_path: Path) -> None:

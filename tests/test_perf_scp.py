@@ -33,6 +33,7 @@ from pacs_ai.storage.db import open_database
 from pacs_ai.storage.ingest import Ingest
 from pacs_ai.storage.spool import Spool
 from tests.databases import index_database
+from tests.peers import free_port, wait_for
 from tests.realdata import real_file
 
 
@@ -124,16 +125,10 @@ def test_p_data_decoded_over_a_view_equals_pynetdicoms_decoding() -> None:
     assert dul.fallback_calls == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[scp.Receiver]:
     settings = Settings(
-        node=NodeSettings(bind="127.0.0.1", dicom_port=_free_port(), data_dir=tmp_path),
+        node=NodeSettings(bind="127.0.0.1", dicom_port=free_port(), data_dir=tmp_path),
         storage=StorageSettings(reserve_mb=0),
     )
     spool = Spool(tmp_path, reserve_bytes=0)
@@ -239,7 +234,8 @@ def test_event_driven_reactors_skip_the_nap_and_nothing_else_does(
             assert assoc.send_c_store(good, msg_id=message_id).Status == 0
     finally:
         assoc.release()
-    assert assoc.is_released and _wait_no_associations(receiver)
+    assert assoc.is_released
+    wait_for(lambda: receiver.active_associations() == 0, 30, "the acceptor to end")
     # The requestor's reactor (pynetdicom's own, in this process) napped as it always does;
     # the event-driven acceptor's reactor did not.
     assert assoc in counting.napping and acceptor not in counting.napping

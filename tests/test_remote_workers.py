@@ -9,14 +9,9 @@ the node's URL and a token) and Orthanc, which sends the studies and receives th
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -29,10 +24,9 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.infer import ModelCache, RemoteWorkerContext, run_job
 from pacs_ai.pipeline.link import LeaseLost
 from pacs_ai.pipeline.node_client import NodeRefused, RemoteLink
-from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app, send_item
+from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
 from pacs_ai.results.uids import SR_INSTANCE, SR_SERIES, result_uid
 from pacs_ai.storage.schema import RESULT
-from pacs_ai.web.context import WebContext
 from tests.peers import (
     NodeProcess,
     OrthancProcess,
@@ -43,54 +37,10 @@ from tests.peers import (
     orthanc_as_peer,
     results_in,
     wait_for,
+    without_node_settings,
 )
-from tests.records import plan_jobs, store_chest_ct
 from tests.test_faults import small_study
-from tests.web import served, web_client
-
-
-@dataclass
-class Remote:
-    """A node's HTTP service on loopback, its context, and the tasks it put on the broker."""
-
-    ctx: WebContext
-    url: str
-    broker: RedisServer
-
-    @property
-    def sent(self) -> list[tuple[str, int, str, int]]:
-        """What the node put on its broker: (task, id, queue, priority)."""
-        return self.broker.queued()
-
-    def token(self, role: str = "worker") -> str:
-        from pacs_ai.storage import tokens
-
-        return tokens.create(self.ctx.engine, f"{role}-{time.monotonic_ns()}", role, time.time())
-
-    def link(self, worker: str, role: str = "worker") -> RemoteLink:
-        return RemoteLink(self.url, self.token(role), worker, timeout_s=30)
-
-    def job(self, tmp_path: Path, seed: int = 0) -> int:
-        truth = store_chest_ct(self.ctx.ingest, tmp_path / f"ct{seed}", slices=24, seed=seed)
-        (job_id, *_) = plan_jobs(self.ctx.engine, truth.study_instance_uid)
-        return job_id
-
-
-@pytest.fixture
-def remote(tmp_path: Path) -> Iterator[Remote]:
-    broker = RedisServer().start()
-    try:
-        with web_client(tmp_path) as (_, ctx):
-            app = create_app(ctx.settings, broker.url)
-            # What AIRuntime.send_task does, onto a real Redis.
-            ctx.send_task = functools.partial(send_item, app)
-            try:
-                with served(ctx) as url:
-                    yield Remote(ctx, url, broker)
-            finally:
-                app.close()
-    finally:
-        broker.stop()
+from tests.web import Remote
 
 
 def test_a_remote_worker_runs_a_job_through_the_node_api(remote: Remote, tmp_path: Path):
@@ -254,15 +204,12 @@ def start_remote_worker(
     """``pacs-ai worker`` as a GPU server runs it: no config file, no data dir, own cwd;
     ``args`` and ``env`` added to its command line and environment."""
     workdir.mkdir(parents=True)
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_") or k == "PACS_AI_TEST"
-    }
-    environment |= {
-        "PACS_AI_BROKER__URL": broker_url,
-        "PACS_AI_WORKER__NODE_URL": node_url,
-        "PACS_AI_WORKER__TOKEN": token,
-        "PACS_AI_WORKER__DEVICE": "cpu",
-    }
+    environment = without_node_settings(
+        PACS_AI_BROKER__URL=broker_url,
+        PACS_AI_WORKER__NODE_URL=node_url,
+        PACS_AI_WORKER__TOKEN=token,
+        PACS_AI_WORKER__DEVICE="cpu",
+    )
     with (workdir / "worker.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "pacs_ai", "worker", *args],

@@ -323,16 +323,37 @@ def test_integer_rescales_give_what_float64_gives(
     np.testing.assert_array_equal(volume.voxels[0], expected)
 
 
-def test_the_float32_shortcut_is_taken_exactly_where_it_is_exact() -> None:
-    def exact(dtype: str, slope: float, intercept: float = 0.0) -> bool:
-        return _exact_in_float32(np.zeros(4, dtype=dtype), float(slope), float(intercept))
+@pytest.mark.parametrize(
+    ("dtype", "slope", "intercept"),
+    [
+        ("<i2", 1, -1024),
+        ("<i2", 255, -(2**24 - 255 * 65536 - 1)),  # the largest values the shortcut takes
+        ("<u2", -255, 2**24 - 255 * 65536 - 1),
+        ("u1", 65535, -1),
+        ("i1", -65535, 0),
+    ],
+)
+def test_the_float32_shortcut_is_exact_over_every_stored_value(
+    dtype: str, slope: int, intercept: int
+) -> None:
+    info = np.iinfo(dtype)
+    stored = np.arange(info.min, int(info.max) + 1).astype(dtype)
+    assert _exact_in_float32(stored, float(slope), float(intercept))
+    shortcut = stored.astype(np.float32)
+    shortcut *= np.float32(slope)
+    shortcut += np.float32(intercept)
+    expected = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    np.testing.assert_array_equal(shortcut, expected)
 
-    assert exact("<i2", 1, -1024) and exact("<u2", 255) and exact("u1", 65535)
-    assert exact("<i2", -255, 2**24 - 255 * 65536 - 1)
-    assert not exact("<i2", 256)  # 256 * 2^16 reaches 2^24
-    assert not exact("<i2", 1, 2**24)
-    assert not exact("<i2", 1.5) and not exact("<i2", 1, -0.5)
-    assert not exact("<i4", 1) and not exact("<f4", 1) and not exact("<i8", 1)
+
+def test_the_float32_shortcut_is_refused_where_float32_would_round() -> None:
+    def exact(dtype: str, slope: float, intercept: float = 0.0) -> bool:
+        return _exact_in_float32(np.zeros(4, dtype=dtype), slope, intercept)
+
+    assert not exact("<i2", 1.0, 2.0**24)  # 2^24 + 1 is not a float32
+    assert not exact("<i2", 1.5) and not exact("<i2", 1.0, -0.5)  # not integers: rounding
+    assert not exact("<i4", 1.0) and not exact("<i8", 1.0)  # values past 2^24
+    assert not exact("<f4", 1.0)
 
 
 def test_a_series_is_loaded_in_the_order_of_its_paths(study: ChestTruth, tmp_path: Path) -> None:

@@ -8,29 +8,23 @@ and a remote worker that runs a job.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pacs_ai.config import Settings, load_settings
 from pacs_ai.errors import ConfigError
+from pacs_ai.models.registry import available
 from pacs_ai.pipeline import jobs, warmup
 from pacs_ai.pipeline.infer import ModelCache
-from pacs_ai.pipeline.queues import INFER_TASK, create_app, send_item
-from pacs_ai.storage import tokens
-from pacs_ai.web.context import WebContext
-from tests.peers import RedisServer, kill_tree, wait_for
-from tests.records import plan_jobs, store_chest_ct
+from pacs_ai.pipeline.queues import INFER_TASK
+from tests.peers import kill_tree, wait_for, without_node_settings
 from tests.test_remote_workers import start_remote_worker
-from tests.web import served, web_client
+from tests.web import Remote
 
 MODEL = "ct-organs-threshold"  # a built-in with no weights: loading it is cheap
 
@@ -48,18 +42,10 @@ def _settings(tmp_path: Path, toml: str) -> Settings:
     return load_settings(config)
 
 
-def _environment(**overrides: str) -> dict[str, str]:
-    """This process's environment without its PACS_AI_ settings, plus ``overrides``."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_") or k == "PACS_AI_TEST"
-    }
-    return env | overrides
-
-
 # --- the setting ------------------------------------------------------------------------------
 
 
-def test_preload_comes_from_the_file_or_the_environment(
+def test_preload_comes_from_the_file_or_thewithout_node_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _settings(tmp_path, "").worker.preload == ()
@@ -109,7 +95,7 @@ def test_an_unknown_preload_model_is_a_config_error_naming_it_and_the_installed_
     ((key, message),) = refused.value.problems
     assert key == "worker.preload"
     assert "'ct-organs-thresold' is not installed" in message
-    assert f"installed: {MODEL}, lung-nodule-demo" in message
+    assert f"(installed: {', '.join(available())})" in message
     # A delivery-only worker loads no model, so its preload does not matter.
     warmup.check_preload(
         _settings(tmp_path, '[worker]\nqueues = ["send"]\npreload = ["ct-organs-thresold"]\n')
@@ -125,7 +111,7 @@ def test_the_worker_command_refuses_to_start_with_an_unknown_model(
         + ('preload = ["no-such-model"]\n' if where == "file" else "")
     )
     # No broker answers at this URL: the command must stop before it tries one.
-    env = _environment(PACS_AI_BROKER__URL="redis://127.0.0.1:9/0")
+    env = without_node_settings(PACS_AI_BROKER__URL="redis://127.0.0.1:9/0")
     args = ["--preload", MODEL, "--preload", "no-such-model"] if where == "option" else []
     done = subprocess.run(
         [sys.executable, "-m", "pacs_ai", "worker", *args],
@@ -138,38 +124,19 @@ def test_the_worker_command_refuses_to_start_with_an_unknown_model(
     assert done.returncode == 2, done.stdout + done.stderr
     assert "invalid configuration" in done.stderr
     assert "worker.preload: model 'no-such-model' is not installed" in done.stderr
-    assert f"installed: {MODEL}, lung-nodule-demo" in done.stderr
+    assert f"(installed: {', '.join(available())})" in done.stderr
     assert f"'{MODEL}'" not in done.stderr  # the installed one passed
 
 
 # --- a remote worker, its first job -----------------------------------------------------------
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[WebContext, str, RedisServer]]:
-    """A node's HTTP service on loopback with its broker; its context, URL and Redis."""
-    (tmp_path / "node").mkdir()
-    broker = RedisServer().start()
-    try:
-        with web_client(tmp_path / "node") as (_, ctx):
-            app = create_app(ctx.settings, broker.url)
-            ctx.send_task = functools.partial(send_item, app)
-            try:
-                with served(ctx) as url:
-                    yield ctx, url, broker
-            finally:
-                app.close()
-    finally:
-        broker.stop()
-
-
 def test_a_remote_worker_with_preload_runs_its_first_job_without_loading_a_model(
-    tmp_path: Path, node: tuple[WebContext, str, RedisServer]
+    tmp_path: Path, remote: Remote
 ) -> None:
-    ctx, url, broker = node
-    truth = store_chest_ct(ctx.ingest, tmp_path / "ct", slices=24)
-    (job_id, *_) = plan_jobs(ctx.engine, truth.study_instance_uid)  # a job of MODEL
-    token = tokens.create(ctx.engine, "gpu-1", "worker", time.time())
+    ctx, url, broker = remote.ctx, remote.url, remote.broker
+    job_id = remote.job(tmp_path)  # a job of MODEL, the default rule's
+    token = remote.token()
     home = tmp_path / "gpu"
     # As a GPU server runs it: no config file, and no rules of its own.
     worker = start_remote_worker(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -12,12 +13,16 @@ from fastapi.testclient import TestClient
 
 from pacs_ai.config import load_settings
 from pacs_ai.node import make_ingest
+from pacs_ai.pipeline.node_client import RemoteLink
+from pacs_ai.pipeline.queues import create_app as create_celery_app
+from pacs_ai.pipeline.queues import send_item
 from pacs_ai.storage import tokens
 from pacs_ai.web.app import create_app
 from pacs_ai.web.context import WebContext
 from pacs_ai.web.server import HttpServer
 from tests.databases import node_database
-from tests.peers import free_port
+from tests.peers import RedisServer, free_port
+from tests.records import plan_jobs, store_chest_ct
 
 
 @contextmanager
@@ -69,3 +74,49 @@ def served(ctx: WebContext) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.port}"
     finally:
         server.stop()
+
+
+@dataclasses.dataclass
+class Remote:
+    """A node's HTTP service on loopback, its context, and the tasks it put on the broker."""
+
+    ctx: WebContext
+    url: str
+    broker: RedisServer
+
+    @property
+    def sent(self) -> list[tuple[str, int, str, int]]:
+        """What the node put on its broker: (task, id, queue, priority)."""
+        return self.broker.queued()
+
+    def token(self, role: str = "worker") -> str:
+        from pacs_ai.storage import tokens
+
+        return tokens.create(self.ctx.engine, f"{role}-{time.monotonic_ns()}", role, time.time())
+
+    def link(self, worker: str, role: str = "worker") -> RemoteLink:
+        return RemoteLink(self.url, self.token(role), worker, timeout_s=30)
+
+    def job(self, tmp_path: Path, seed: int = 0) -> int:
+        truth = store_chest_ct(self.ctx.ingest, tmp_path / f"ct{seed}", slices=24, seed=seed)
+        (job_id, *_) = plan_jobs(self.ctx.engine, truth.study_instance_uid)
+        return job_id
+
+
+@contextmanager
+def remote_node(tmp_path: Path) -> Iterator[Remote]:
+    """A node's HTTP service on loopback with a real Redis as its broker, for workers that
+    share no disk with it."""
+    broker = RedisServer().start()
+    try:
+        with web_client(tmp_path) as (_, ctx):
+            app = create_celery_app(ctx.settings, broker.url)
+            # What AIRuntime.send_task does, onto a real Redis.
+            ctx.send_task = functools.partial(send_item, app)
+            try:
+                with served(ctx) as url:
+                    yield Remote(ctx, url, broker)
+            finally:
+                app.close()
+    finally:
+        broker.stop()

@@ -135,26 +135,30 @@ def _read_walked(data: bytes | Part10) -> InstanceHeader | None:
         if data.data_set[:2] == b"\x02\x00":
             # Group 0002 in the data set: read on, the meta would take it in as pydicom does.
             data = data.joined()
+        elif data.transfer_syntax_uid:
+            # Our own prefix, written from the negotiated syntax: nothing to read back.
+            return _read_walked_from(data.data_set, 0, data.transfer_syntax_uid, direct)
         else:
-            # Our own prefix ends where the data set starts.
+            # A prefix ending where the data set starts.
             meta = _file_meta(data.prefix, direct)
-            return None if meta is None else _read_walked_from(data.data_set, 0, meta[1], direct)
+            tsuid = None if meta is None else _meta_transfer_syntax(meta[1], direct)
+            return None if tsuid is None else _read_walked_from(data.data_set, 0, tsuid, direct)
     meta = _file_meta(data, direct)
-    if meta is None:
+    tsuid = None if meta is None else _meta_transfer_syntax(meta[1], direct)
+    if meta is None or tsuid is None:
         return None
-    start, ts_element = meta
-    return _read_walked_from(data, start, ts_element, direct)
+    return _read_walked_from(data, meta[0], tsuid, direct)
 
 
-def _read_walked_from(
-    data: bytes, start: int, ts_element: RawDataElement, direct: bool
-) -> InstanceHeader | None:
+def _meta_transfer_syntax(ts_element: RawDataElement, direct: bool) -> str | None:
+    """The file meta's Transfer Syntax UID; None where only ``dcmread`` can read it."""
     try:
-        tsuid = _transfer_syntax(ts_element, direct)
+        return _transfer_syntax(ts_element, direct) or None
     except Exception:
         return None
-    if not tsuid:
-        return None
+
+
+def _read_walked_from(data: bytes, start: int, tsuid: str, direct: bool) -> InstanceHeader | None:
     walker = _walk(data, start, tsuid, capture=True)
     if walker.odd or walker.explicit == _pydicom_finds_implicit(walker.buf, tsuid):
         return None

@@ -69,6 +69,9 @@ class Part10:
 
     prefix: bytes
     data_set: bytes
+    transfer_syntax_uid: str = ""
+    """The prefix's Transfer Syntax UID, where the caller wrote it: the header read then
+    need not read it back."""
 
     def __len__(self) -> int:
         return len(self.prefix) + len(self.data_set)
@@ -86,4 +89,4 @@ def part10(
 ) -> Part10:
     """Preamble + "DICM" + file meta, and the data set exactly as received."""
     meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
-    return Part10(_PREFIX + meta, dataset)
+    return Part10(_PREFIX + meta, dataset, transfer_syntax_uid)

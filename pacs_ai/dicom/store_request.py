@@ -183,7 +183,7 @@ class StoreRequests:
         assert pending is not None
         self.pending = None
         fragments = pending.fragments
-        data_set = bytes(fragments[0]) if len(fragments) == 1 else b"".join(fragments)
+        data_set = b"".join(fragments)  # one copy, from one fragment or many
         request = pending.request
         # BytesIO over bytes shares them: getvalue() gives the same object back, uncopied.
         request.DataSet = BytesIO(data_set)

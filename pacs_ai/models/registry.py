@@ -80,7 +80,9 @@ class ModelRegistry:
         sources = self._sources()
         for model_dir in found:
             name = model_dir.manifest.name
-            if name in sources:
+            # The same folder registered again (the CLI's check, then the worker process it
+            # starts) replaces nothing; another folder or an installed model is worth a word.
+            if name in sources and getattr(sources[name], "path", None) != model_dir.path:
                 logger.warning("model folder %s replaces the model %s", model_dir.path, name)
             self.register(model_dir)
         return [model_dir.manifest.name for model_dir in found]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
 from io import BytesIO
 
 import numpy as np
@@ -70,7 +69,7 @@ def models_to_load(settings: Settings) -> list[str]:
     return rule_models(settings)
 
 
-def check_preload(settings: Settings, installed: Collection[str] | None = None) -> None:
+def check_preload(settings: Settings) -> None:
     """Raise :class:`ConfigError` for each ``worker.preload`` name this machine cannot load.
 
     Called by ``pacs-ai worker`` before Celery starts, not by the settings' validation:
@@ -80,18 +79,15 @@ def check_preload(settings: Settings, installed: Collection[str] | None = None) 
     A GPU server that named a model it does not have refuses to start, with the name and
     the models it has, as ``pacs-ai serve`` does for a rule's model: a warning in its log
     would only be found when the first study comes late. A model folder that cannot be read
-    raises :class:`~pacs_ai.errors.ModelLoadError`. ``installed``: the models, when the
-    caller has registered the model folders already (registering them twice logs that each
-    folder replaces itself).
+    raises :class:`~pacs_ai.errors.ModelLoadError`.
     """
     if not settings.worker.preload or "infer" not in settings.worker.queues:
         return  # only an inference worker warms up
     # Imported here: listing the models imports their modules.
     from pacs_ai.models.registry import available, not_installed, register_dirs
 
-    if installed is None:
-        register_dirs(settings.models.paths)
-        installed = available()
+    register_dirs(settings.models.paths)
+    installed = available()
     problems = [
         ("worker.preload", why)
         for name in settings.worker.preload

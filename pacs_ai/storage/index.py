@@ -47,21 +47,15 @@ def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], key: li
     return conn.execute(statement.returning(*table.primary_key.columns)).first() is not None
 
 
-def is_known(engine: Engine, sop_instance_uid: str) -> bool:
-    with engine.connect() as conn:
-        row = conn.execute(
-            select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
-        ).first()
-    return row is not None
-
-
-def count_duplicate(engine: Engine, sop_instance_uid: str) -> None:
+def count_duplicate(engine: Engine, sop_instance_uid: str) -> bool:
+    """Count one more reception of an indexed instance; whether it is indexed at all."""
     with engine.begin() as conn:
-        conn.execute(
+        counted = conn.execute(
             update(instances)
             .where(instances.c.sop_instance_uid == sop_instance_uid)
             .values(duplicates=instances.c.duplicates + 1)
         )
+    return counted.rowcount > 0
 
 
 def _has_sources(series_id: Any) -> Any:
@@ -389,15 +383,12 @@ class InstanceRecorder:
     def _record_retrying(self, batch: list[_Pending]) -> list[bool]:
         try:
             return self._record(batch)
-        except IntegrityError:
-            # A cached study or series row was removed (purge): forget the ids, try once more.
-            self._forget_ids()
-            return self._record(batch)
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
+            # A cached study or series row was removed (purge: IntegrityError), or the kept
+            # connection died (database restarted: what the pool's pre-ping would have caught
+            # at check-out). Nothing was committed: forget the ids, once more on a new one.
+            if not (isinstance(exc, IntegrityError) or exc.connection_invalidated):
                 raise
-            # The kept connection died (database restarted): what the pool's pre-ping would
-            # have caught at check-out. Nothing was committed; once more on a new one.
             self._forget_ids()
             return self._record(batch)
 

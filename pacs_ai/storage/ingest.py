@@ -108,8 +108,7 @@ class Ingest:
         )
         # A file without an index row is a crash leftover that was never acknowledged:
         # store over it. Only a file *and* a row make a duplicate, which we keep as first received.
-        if self.spool.path_of(relative).exists() and index.is_known(self.engine, sop):
-            index.count_duplicate(self.engine, sop)
+        if self.spool.path_of(relative).exists() and index.count_duplicate(self.engine, sop):
             logger.info("duplicate %s from %s: already held, counted", sop, calling_ae)
             return StoreOutcome(
                 StoreStatus.SUCCESS, sop_instance_uid=sop, duplicate=True, header=header
