@@ -21,6 +21,11 @@ the SEG and SR to a real Orthanc. The stages come from the node's own records (i
 quiet period (the issue's target: ≤ 25 %). The study is sent once the node's embedded worker
 has finished its warm-up, as in a node that runs before its studies arrive; a warm-up or a
 model load that a job still waits for counts as overhead.
+
+``--earlier N`` first sends N other studies of the same size, each waited for until its
+results are delivered, and measures the study after them: a node that has been running for
+a while, whose worker has done jobs before (``worker.retain_memory_mb`` keeps their memory).
+The default, 0, measures a fresh node's first study.
 Run: ``.venv/bin/python bench/latency.py``.
 """
 
@@ -39,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
+from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
 from pacs_ai.storage.schema import SOURCE, WORKER_STAGES
 from tests.databases import read_rows
 from tests.peers import NodeProcess, OrthancProcess, orthanc_as_peer, pacs_and_node, wait_for
@@ -74,15 +79,21 @@ def _node(workdir: Path, orthanc: OrthancProcess, model: str, quiet_s: float) ->
     return node
 
 
-def _stages(node: NodeProcess, sent_at: float) -> dict[str, float]:
+def _stages(node: NodeProcess, study_uid: str, sent_at: float) -> dict[str, float]:
+    ((study_id, completed),) = read_rows(
+        node.index_url,
+        f"SELECT id, completed_at FROM studies WHERE study_instance_uid = '{study_uid}'",
+    )
     # Source images only: the job's SEG and SR are indexed as instances of the study too, and
     # their received_at is when the worker stored them.
     last_received = read_rows(
-        node.index_url, f"SELECT max(received_at) FROM instances WHERE kind = '{SOURCE}'"
+        node.index_url,
+        f"SELECT max(received_at) FROM instances WHERE kind = '{SOURCE}' AND study_id = {study_id}",
     )[0][0]
-    completed = read_rows(node.index_url, "SELECT completed_at FROM studies")[0][0]
     enqueued, started, finished, timings = read_rows(
-        node.index_url, "SELECT enqueued_at, started_at, finished_at, timings FROM jobs"
+        node.index_url,
+        "SELECT enqueued_at, started_at, finished_at, timings FROM jobs "
+        f"WHERE study_id = {study_id}",
     )[0]
     t = json.loads(timings)
     encoded_at = started + sum(t[k] for k in WORKER_STAGES)
@@ -101,7 +112,31 @@ def _stages(node: NodeProcess, sent_at: float) -> dict[str, float]:
     }
 
 
-def run_once(work: Path, files: list[Path], model: str, quiet_s: float) -> dict[str, float]:
+def _send_and_wait(node: NodeProcess, files: list[Path], jobs_before: int, model: str) -> None:
+    subprocess.run(
+        ["/usr/bin/storescu", "-aet", "ORTHANC", "-aec", "PACSAI", "127.0.0.1", str(node.port),
+         *map(str, files)],
+        check=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )  # fmt: skip
+
+    def delivered() -> bool:
+        # Read the index, not `pacs-ai jobs list`: each CLI run costs ~0.5 s of CPU at
+        # normal priority, taken from the worker (nice 10) on a small machine, and it
+        # made every worker stage look up to three times slower.
+        states = [state for (state,) in read_rows(node.index_url, "SELECT state FROM jobs")]
+        return len(states) > jobs_before and all(
+            s in ("DELIVERED", "FAILED", "SKIPPED") for s in states
+        )
+
+    wait_for(delivered, 900, f"{model} to deliver", interval=0.5)
+    for job in node.cli_json("jobs", "list"):
+        if job["state"] != "DELIVERED":
+            raise RuntimeError(f"{model}: job ended {job['state']}: {job['reason']}")
+
+
+def run_once(work: Path, studies: list[ChestTruth], model: str, quiet_s: float) -> dict[str, float]:
+    """Send ``studies`` one after the other; the stages of the last."""
     orthanc = OrthancProcess(work / "orthanc")
     node = _node(work / "node", orthanc, model, quiet_s)
     try:
@@ -109,34 +144,10 @@ def run_once(work: Path, files: list[Path], model: str, quiet_s: float) -> dict[
         # A node's worker starts long before its studies arrive; here the study would
         # otherwise race the embedded worker's start-up and warm-up.
         wait_for(lambda: b"warm-up done" in node.log.read_bytes(), 300, "the worker's warm-up")
-        sent_at = time.time()
-        subprocess.run(
-            [
-                "/usr/bin/storescu",
-                "-aet",
-                "ORTHANC",
-                "-aec",
-                "PACSAI",
-                "127.0.0.1",
-                str(node.port),
-                *map(str, files),
-            ],
-            check=True,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-
-        def delivered() -> bool:
-            # Read the index, not `pacs-ai jobs list`: each CLI run costs ~0.5 s of CPU at
-            # normal priority, taken from the worker (nice 10) on a small machine, and it
-            # made every worker stage look up to three times slower.
-            states = [state for (state,) in read_rows(node.index_url, "SELECT state FROM jobs")]
-            return bool(states) and all(s in ("DELIVERED", "FAILED", "SKIPPED") for s in states)
-
-        wait_for(delivered, 900, f"{model} to deliver", interval=0.5)
-        (job,) = node.cli_json("jobs", "list")
-        if job["state"] != "DELIVERED":
-            raise RuntimeError(f"{model}: job ended {job['state']}: {job['reason']}")
-        return _stages(node, sent_at)
+        for done, study in enumerate(studies):
+            sent_at = time.time()
+            _send_and_wait(node, study.files, done, model)
+        return _stages(node, studies[-1].study_instance_uid, sent_at)
     finally:
         node.stop()
         orthanc.stop()
@@ -148,6 +159,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quiet", type=float, default=2.0, help="quiet period, seconds")
     parser.add_argument("--models", default="ct-organs-threshold,lung-nodule-demo")
+    parser.add_argument(
+        "--earlier",
+        type=int,
+        default=0,
+        help="studies the node processes before the one measured (0: a fresh node's first)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -157,19 +174,28 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="pacs-ai-latency-") as tmp:
         root = Path(tmp)
-        truth = write_chest_ct(
-            root / "study", Geometry(slices=args.slices), with_lung_series=False, with_scout=False
-        )
+        studies = [
+            write_chest_ct(
+                root / f"study-{n}",
+                Geometry(slices=args.slices),
+                seed=n,
+                accession=f"ACC{n:04d}",
+                with_lung_series=False,
+                with_scout=False,
+            )
+            for n in range(args.earlier + 1)
+        ]
         for model in models:
             for round_no in range(args.rounds):
-                stages = run_once(root / f"{model}-{round_no}", truth.files, model, args.quiet)
+                stages = run_once(root / f"{model}-{round_no}", studies, model, args.quiet)
                 results.setdefault(model, []).append(stages)
                 print(
                     f"{model} round {round_no + 1}: total {stages['total']:.1f} s, "
                     f"inference {stages['inference']:.1f} s",
                     flush=True,
                 )
-    print(f"\n{args.slices}-slice 512x512 CT, median of {args.rounds} round(s), seconds:")
+    which = f"after {args.earlier} earlier studies" if args.earlier else "a fresh node's first"
+    print(f"\n{args.slices}-slice 512x512 CT ({which}), median of {args.rounds} round(s), seconds:")
     header = f"{'stage':12}" + "".join(f"{m:>22}" for m in results)
     print(header)
     print("-" * len(header))

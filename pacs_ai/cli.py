@@ -136,6 +136,10 @@ def worker(
     unknown = set(settings.worker.queues) - {"infer", "send"}
     if unknown:
         _fail(f"unknown queue(s) {sorted(unknown)}; use infer and/or send", 2)
+    if preload and "infer" not in settings.worker.queues:
+        # A preload in the file is shared by every worker that reads it; on the command line
+        # it is asked of this one, which would load nothing.
+        _fail("--preload loads models for inference: add infer to --queues, or drop --preload", 2)
     if not settings.broker.url:
         _fail("no broker: set [broker] url (or PACS_AI_BROKER__URL) to the node's Redis", 2)
     from pacs_ai.node import configure_process
@@ -151,6 +155,11 @@ def worker(
         raise typer.Exit(2) from None
     except PacsAiError as exc:
         _fail(str(exc))
+    if "infer" in settings.worker.queues:
+        from pacs_ai.pipeline.memory import retain_freed_memory
+
+        # For the pool processes Celery starts below: they run the jobs.
+        retain_freed_memory(os.environ, settings.worker.retain_memory_mb)
     from workers.celery_app import app as celery_app
 
     celery_app.worker_main(

@@ -128,6 +128,20 @@ def test_the_worker_command_refuses_to_start_with_an_unknown_model(
     assert f"'{MODEL}'" not in done.stderr  # the installed one passed
 
 
+def test_the_worker_command_refuses_preload_for_a_delivery_only_worker(tmp_path: Path) -> None:
+    env = without_node_settings(PACS_AI_BROKER__URL="redis://127.0.0.1:9/0")
+    done = subprocess.run(
+        [sys.executable, "-m", "pacs_ai", "worker", "--queues", "send", "--preload", MODEL],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--preload loads models for inference: add infer to --queues" in done.stderr
+
+
 # --- a remote worker, its first job -----------------------------------------------------------
 
 

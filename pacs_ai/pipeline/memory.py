@@ -1,0 +1,35 @@
+"""An inference worker keeps the memory its last job freed, for the next job.
+
+A job allocates arrays of hundreds of MB: a 300-slice CT is a 300 MB float32 volume, and the
+model's temporaries are as large. glibc's malloc serves each from a fresh mmap and hands it
+back to the kernel when freed, so every job pays again for the kernel to find and zero its
+pages: on the project machine 0.7-1.3 s of system time in ct-organs-threshold's 3 s of
+inference. Told to serve such blocks from its heap and to keep up to ``megabytes`` of freed
+heap (``worker.retain_memory_mb``), malloc gives the next job the same pages back: inference
+2.0 s instead of 2.7-3.0, encode 0.95 s instead of 1.1, from a worker's second job on. The
+price is resident memory between jobs: about 1.3 GB after a 300-slice CT instead of 0.4 GB.
+A block larger than the limit still comes from mmap and goes back when freed.
+
+The settings are glibc's environment variables (``mallopt(3)``), read when a process starts:
+they are set for the worker's pool processes, which Celery starts after the command has
+read its settings. Other C libraries ignore them; an administrator's own ``MALLOC_*`` or
+``GLIBC_TUNABLES`` malloc settings are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+THRESHOLDS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def retain_freed_memory(env: MutableMapping[str, str], megabytes: int) -> bool:
+    """Set ``env`` so that processes started with it keep up to ``megabytes`` of freed memory;
+    whether it did (not for 0, nor over the administrator's own malloc settings)."""
+    if megabytes <= 0:
+        return False
+    if any(name in env for name in THRESHOLDS) or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return False
+    for name in THRESHOLDS:
+        env[name] = str(megabytes << 20)
+    return True

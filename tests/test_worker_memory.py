@@ -1,0 +1,129 @@
+"""``worker.retain_memory_mb``: an inference worker keeps freed memory for its next job.
+
+The effect is glibc's, so it is measured on real processes: a child allocates and frees a
+300 MB array and reports what stays resident. The wiring is checked on a real ``pacs-ai
+worker`` against a real Redis: its pool process, the one that runs jobs, has the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacs_ai.pipeline.memory import THRESHOLDS, retain_freed_memory
+from tests.peers import RedisServer, children, kill_tree, wait_for, without_node_settings
+
+# Allocates 300 MB, touches every page, frees it; prints the resident MB before and after.
+ALLOCATE_AND_FREE = """
+import numpy as np
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+before = resident()
+block = np.ones(300 << 18, dtype=np.float32)
+del block
+print(before, resident())
+"""
+
+
+def _resident_after_free(env: dict[str, str]) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", ALLOCATE_AND_FREE], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    return after - before
+
+
+def _base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in THRESHOLDS:
+        env.pop(name, None)
+    env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
+def test_freed_memory_up_to_the_limit_stays_with_the_process() -> None:
+    assert _resident_after_free(_base_env()) < 50  # glibc's default: handed back
+
+    kept = _base_env()
+    assert retain_freed_memory(kept, 2048)
+    assert kept["MALLOC_TRIM_THRESHOLD_"] == kept["MALLOC_MMAP_THRESHOLD_"] == str(2048 << 20)
+    assert _resident_after_free(kept) >= 290  # the next job gets these pages back
+
+    # A block larger than the limit still goes back when freed.
+    small = _base_env()
+    assert retain_freed_memory(small, 100)
+    assert _resident_after_free(small) < 50
+
+
+def test_nothing_is_set_for_zero_or_over_the_administrators_own_settings() -> None:
+    env: dict[str, str] = {}
+    assert not retain_freed_memory(env, 0) and env == {}
+    own = {"MALLOC_TRIM_THRESHOLD_": "1000"}
+    assert not retain_freed_memory(own, 2048) and own == {"MALLOC_TRIM_THRESHOLD_": "1000"}
+    tuned = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000"}
+    assert not retain_freed_memory(tuned, 2048) and "MALLOC_MMAP_THRESHOLD_" not in tuned
+    # Tunables that are not malloc's leave the choice to the node.
+    other = {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}
+    assert retain_freed_memory(other, 2048)
+
+
+def _pool_environment(tmp_path: Path, queues: str, **settings: str) -> dict[str, str]:
+    """The environment of the pool process of a real ``pacs-ai worker``."""
+    redis = RedisServer(workdir=tmp_path / "redis").start()
+    env = without_node_settings(
+        PACS_AI_BROKER__URL=redis.url, PACS_AI_NODE__DATA_DIR=str(tmp_path / "data"), **settings
+    )
+    for name in THRESHOLDS:
+        env.pop(name, None)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pacs_ai", "worker", "--queues", queues, "--device", "cpu"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # Its children: billiard's semaphore tracker, and the pool process (spawned).
+        wait_for(lambda: bool(_pool(worker.pid)), 60, "the worker's pool process")
+        (pool,) = _pool(worker.pid)
+        raw = Path(f"/proc/{pool}/environ").read_bytes()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    finally:
+        kill_tree(worker.pid)
+        worker.wait(30)
+        assert redis.process is not None
+        redis.process.kill()
+        redis.process.wait(30)
+
+
+def _pool(pid: int) -> list[int]:
+    return [
+        kid
+        for kid in children(pid)
+        if b"--billiard-fork" in Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("queues", "settings", "expected"),
+    [
+        ("infer", {}, str(2048 << 20)),
+        ("infer", {"PACS_AI_WORKER__RETAIN_MEMORY_MB": "512"}, str(512 << 20)),
+        ("infer", {"PACS_AI_WORKER__RETAIN_MEMORY_MB": "0"}, None),
+        ("send", {}, None),  # a delivery worker allocates nothing large
+    ],
+)
+def test_the_worker_pool_process_runs_with_the_setting(
+    tmp_path: Path, queues: str, settings: dict[str, str], expected: str | None
+) -> None:
+    environment = _pool_environment(tmp_path, queues, **settings)
+    assert environment.get("PACS_AI_WORKER__QUEUES") is not None  # it is the worker's pool
+    assert environment.get("MALLOC_TRIM_THRESHOLD_") == expected
+    assert environment.get("MALLOC_MMAP_THRESHOLD_") == expected
