@@ -14,6 +14,7 @@ from pacs_ai.pipeline.assemble import Assembler, StudyCompleted, due
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.index import QuietStudy
+from pacs_ai.storage.recorder import InstanceRecorder
 from tests.databases import index_database
 from tests.realdata import real_file
 
@@ -50,7 +51,7 @@ def test_due_is_pure_and_inclusive() -> None:
 def test_completes_after_quiet_period_once_with_counts(engine: Engine) -> None:
     clock = Clock()
     heard: list[StudyCompleted] = []
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     for n in range(3):
         rec.record(instance(n), "CT1", f"{n}.dcm", 1, clock())
     rec.record(instance(9, series="1.2.3.2"), "CT1", "9.dcm", 1, clock())
@@ -73,7 +74,7 @@ def test_completes_after_quiet_period_once_with_counts(engine: Engine) -> None:
 def test_late_instance_reopens_and_completes_again(engine: Engine) -> None:
     clock = Clock()
     heard: list[StudyCompleted] = []
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     rec.record(instance(1), "CT1", "1.dcm", 1, clock())
     assembler = Assembler(engine, 5, [heard.append], clock)
     clock.now += 6
@@ -90,7 +91,7 @@ def test_late_instance_reopens_and_completes_again(engine: Engine) -> None:
 
 def test_a_failing_listener_does_not_stop_the_others(engine: Engine) -> None:
     clock = Clock()
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     rec.record(instance(1), "CT1", "1.dcm", 1, clock())
     rec.record(
         replace(HEADER, sop_instance_uid="1.9.9", study_instance_uid="1.9"), "CT1", "x", 1, clock()
@@ -108,7 +109,7 @@ def test_a_failing_listener_does_not_stop_the_others(engine: Engine) -> None:
 
 def test_two_nodes_sharing_a_database_complete_a_study_once(engine: Engine) -> None:
     clock = Clock()
-    index.InstanceRecorder(engine).record(instance(1), "CT1", "1.dcm", 1, clock())
+    InstanceRecorder(engine).record(instance(1), "CT1", "1.dcm", 1, clock())
     other_engine = open_database(
         engine.url.render_as_string(hide_password=False), run_migrations=False
     )

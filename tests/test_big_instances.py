@@ -22,6 +22,7 @@ from pacs_ai.audit.trail import Auditor, rows
 from pacs_ai.config import Settings, load_settings
 from pacs_ai.dicom.header import read_header
 from pacs_ai.storage import db, index, retention, stats
+from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.storage.schema import SOURCE, audit, instances, series, studies
 from tests.databases import database_params, empty_database
 from tests.realdata import real_file
@@ -51,7 +52,7 @@ def _upgrade(engine: Engine, revision: str) -> None:
 
 def test_a_6_gib_instance_is_recorded_and_counted(engine: Engine, tmp_path: Path) -> None:
     small = replace(HEADER, sop_instance_uid=HEADER.sop_instance_uid + ".2")
-    with closing(index.InstanceRecorder(engine)) as rec:
+    with closing(InstanceRecorder(engine)) as rec:
         assert rec.record(HEADER, "WSI", "big.dcm", BIG, now=100.0)
         assert rec.record(small, "WSI", "small.dcm", 10, now=100.0)
 
@@ -76,7 +77,7 @@ def test_a_6_gib_instance_is_recorded_and_counted(engine: Engine, tmp_path: Path
 
 def test_numbers_past_the_is_range_are_recorded(engine: Engine) -> None:
     odd = replace(HEADER, instance_number=BIG_NUMBER, series_number=-BIG_NUMBER)
-    with closing(index.InstanceRecorder(engine)) as rec:
+    with closing(InstanceRecorder(engine)) as rec:
         assert rec.record(odd, "MOD", "a.dcm", 10, now=1.0)
     with engine.connect() as conn:
         stored = conn.execute(
@@ -98,7 +99,7 @@ def test_an_instance_number_past_64_bits_is_recorded_as_absent(engine: Engine) -
     assert data != buffer.getvalue()
     header = read_header(data)
     assert header.instance_number is None
-    with closing(index.InstanceRecorder(engine)) as rec:
+    with closing(InstanceRecorder(engine)) as rec:
         assert rec.record(header, "MOD", "long.dcm", len(data), now=1.0)
     with engine.connect() as conn:
         assert conn.execute(select(instances.c.instance_number)).scalar_one() is None
@@ -108,7 +109,7 @@ def test_keys_run_past_2_to_the_31(engine: Engine) -> None:
     """A row per image and per audit event, never reused: a busy node's keys pass 2^31."""
     last = 2**31 + 9
     auditor = Auditor(engine, Settings())
-    with closing(index.InstanceRecorder(engine)) as rec:
+    with closing(InstanceRecorder(engine)) as rec:
         assert rec.record(HEADER, "CT", "first.dcm", 10, now=1.0)
         # The key counters where years of traffic leave them.
         with engine.begin() as conn:
@@ -194,6 +195,6 @@ def test_migrating_from_0009_keeps_rows_and_takes_big_instances(bare_engine: Eng
     assert tuple(old) == ("1.2.3.4", largest, largest, 2, largest)
 
     big = replace(HEADER, instance_number=BIG_NUMBER)
-    with closing(index.InstanceRecorder(bare_engine)) as rec:
+    with closing(InstanceRecorder(bare_engine)) as rec:
         assert rec.record(big, "OLD", "big.dcm", BIG, now=2.0)
     assert index.totals(bare_engine)["bytes"] == largest + BIG

@@ -17,6 +17,7 @@ from pacs_ai.pipeline.deliver import run_delivery
 from pacs_ai.pipeline.infer import ModelCache, WorkerContext
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
+from pacs_ai.storage.recorder import InstanceRecorder
 from tests.peers import OrthancProcess, free_port
 from tests.realdata import real_file
 
@@ -78,7 +79,7 @@ def test_deliveries_to_up_and_down_peers(
 
     # A study the node holds, and two "results" of a job on it (real objects: an SR and a CT).
     header = read_header(real_file("CT_small.dcm").read_bytes())
-    index.InstanceRecorder(engine).record(header, "PACS", "x.dcm", 1, clock[0])
+    InstanceRecorder(engine).record(header, "PACS", "x.dcm", 1, clock[0])
     (study,) = index.list_studies(engine)
     results = settings.node.data_dir / "results" / "1"
     results.mkdir(parents=True)
@@ -141,7 +142,7 @@ def test_a_forward_with_a_missing_file_fails_and_sends_nothing(
     # A series of two instances, one of whose files has gone from the spool.
     data = real_file("CT_small.dcm").read_bytes()
     header = read_header(data)
-    recorder = index.InstanceRecorder(engine)
+    recorder = InstanceRecorder(engine)
     for n in (1, 2):
         relative = f"{header.study_instance_uid}/{header.series_instance_uid}/{n}.dcm"
         recorder.record(replace(header, sop_instance_uid=f"1.2.3.{n}"), "PACS", relative, 1, 1.0)

@@ -26,6 +26,7 @@ from pacs_ai.dicom.header import read_header
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
 from pacs_ai.pipeline.facts import series_facts
 from pacs_ai.storage import index
+from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.storage.schema import COMPLETE, instances, studies
 from pacs_ai.web.context import WebContext
 from pacs_ai.web.dicomweb.attributes import Level
@@ -733,7 +734,7 @@ def test_a_result_is_found_and_served_but_never_counts_as_received(tmp_path: Pat
 
 def test_record_result_leaves_every_source_reader_alone(engine: Engine) -> None:
     source = read_header(real_file("CT_small.dcm").read_bytes())
-    assert index.InstanceRecorder(engine).record(source, "MOD", "a/b/c.dcm", 10, now=100.0)
+    assert InstanceRecorder(engine).record(source, "MOD", "a/b/c.dcm", 10, now=100.0)
     (study,) = index.list_studies(engine)
     assert index.mark_complete(engine, study.id, cutoff=200.0, now=200.0) is not None
     before = (

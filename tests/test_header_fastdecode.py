@@ -39,6 +39,7 @@ from pydicom.uid import (
 from pacs_ai.dicom import header
 from pacs_ai.dicom.header import InstanceHeader, MalformedDataset
 from pacs_ai.dicom.part10 import Part10, part10
+from pacs_ai.dicom.values import DECODERS, as_float, as_int, as_text
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from tests.realdata import PYDICOM_DATA_FILES, PYDICOM_FILES
 
@@ -217,10 +218,10 @@ def test_non_default_pydicom_settings_go_through_pydicom(monkeypatch: pytest.Mon
 def test_every_field_has_a_decoder_that_ends_in_its_reader() -> None:
     # The decoders return the field's final value, so each field's reader must be the one
     # its decoder reproduces.
-    readers = {"IS": header._int, "DS": header._float}
+    readers = {"IS": as_int, "DS": as_float}
     for name, _, vr, read in header._SOURCES:
-        assert vr in header._DECODERS, name
-        assert read is readers.get(vr, header._text), name
+        assert vr in DECODERS, name
+        assert read is readers.get(vr, as_text), name
 
 
 # --- Generated data sets: raw values chosen to hit every rule ---------------------------

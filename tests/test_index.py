@@ -11,6 +11,7 @@ from sqlalchemy import Engine, text
 from pacs_ai.dicom.header import read_header
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
+from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, metadata
 from tests.realdata import real_file
 
@@ -29,7 +30,7 @@ HEADER = read_header(real_file("CT_small.dcm").read_bytes())
 
 
 def test_record_duplicate_and_reopen(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     assert rec.record(HEADER, "MOD", "a.dcm", 10, now=100.0)
     assert not rec.record(HEADER, "MOD", "a.dcm", 10, now=101.0)  # same SOP Instance UID
     (study,) = index.list_studies(engine)
@@ -56,7 +57,7 @@ def test_record_duplicate_and_reopen(engine: Engine) -> None:
 
 
 def test_same_study_from_two_senders_is_two_receptions(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     rec.record(HEADER, "CT1", "a.dcm", 10, now=1.0)
     other = replace(HEADER, sop_instance_uid=HEADER.sop_instance_uid + ".9")
     rec.record(other, "CT2", "b.dcm", 10, now=1.0)
@@ -65,7 +66,7 @@ def test_same_study_from_two_senders_is_two_receptions(engine: Engine) -> None:
 
 
 def test_completion_guard_respects_late_instances(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     rec.record(HEADER, "MOD", "a.dcm", 10, now=100.0)
     (study,) = index.list_studies(engine)
     # The assembler decided at cutoff 90 (before the instance); the guard must refuse.
@@ -74,7 +75,7 @@ def test_completion_guard_respects_late_instances(engine: Engine) -> None:
 
 
 def test_recorder_survives_a_purged_study(engine: Engine) -> None:
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     rec.record(HEADER, "MOD", "a.dcm", 10, now=1.0)
     with engine.begin() as conn:  # what a retention purge will do
         conn.execute(text("DELETE FROM instances"))

@@ -13,6 +13,7 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.facts import series_facts
 from pacs_ai.pipeline.route import DEFAULT_RULES, Priority, RuleSettings, evaluate
 from pacs_ai.storage import index
+from pacs_ai.storage.recorder import InstanceRecorder
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
@@ -21,7 +22,7 @@ MODALITY = PeerSettings(name="ct", ae_title="CT1", host="127.0.0.1", port=104, r
 
 
 def study_with_series(engine: Engine, calling_ae: str = "PACS", slices: int = 25) -> int:
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     for n in range(slices):
         rec.record(
             replace(HEADER, sop_instance_uid=f"1.2.3.{n}", series_instance_uid="1.2.3"),
@@ -204,7 +205,7 @@ def test_our_own_results_are_never_routed_again(engine: Engine, tmp_path: Path) 
     dispatcher = Dispatcher(
         load_settings(config), engine, lambda t, i, q, p: sent.append((t, i)), clock=lambda: 100.0
     )
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     # A PACS sends back a study holding a CT series and our own SEG of it.
     rec.record(
         replace(HEADER, sop_instance_uid="1.9.1", series_instance_uid="1.9"),

@@ -17,6 +17,7 @@ from pacs_ai.dicom.header import InstanceHeader, read_header
 from pacs_ai.storage import db as db_module
 from pacs_ai.storage import index
 from pacs_ai.storage.db import WriterTurn, open_database, writer_turn
+from pacs_ai.storage.recorder import _INSERT_ROWS, InstanceRecorder, _Pending
 from pacs_ai.storage.schema import COMPLETE, RECEIVING, SOURCE, instances
 from tests.peers import wait_for
 from tests.realdata import real_file
@@ -25,9 +26,9 @@ HEADER = read_header(real_file("CT_small.dcm").read_bytes())
 
 
 @pytest.fixture
-def rec(engine: Engine) -> Iterator[index.InstanceRecorder]:
+def rec(engine: Engine) -> Iterator[InstanceRecorder]:
     """A recorder on the test's index, closed (its kept connection given back) at the end."""
-    recorder = index.InstanceRecorder(engine)
+    recorder = InstanceRecorder(engine)
     yield recorder
     recorder.close()
 
@@ -38,7 +39,7 @@ def _instance(i: int, series: str = "1.2.3") -> InstanceHeader:
     )
 
 
-def _record_all(rec: index.InstanceRecorder, headers: list[InstanceHeader]) -> list[object]:
+def _record_all(rec: InstanceRecorder, headers: list[InstanceHeader]) -> list[object]:
     """Record each header from its own thread, all released at once; return each outcome."""
     results: list[object] = [None] * len(headers)
     start = threading.Barrier(len(headers))
@@ -59,12 +60,12 @@ def _record_all(rec: index.InstanceRecorder, headers: list[InstanceHeader]) -> l
 
 
 def test_concurrent_instances_are_all_indexed_and_batched(
-    engine: Engine, rec: index.InstanceRecorder, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, rec: InstanceRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
     real_record = rec._record
 
-    def counting_record(batch: list[index._Pending]) -> list[bool]:
+    def counting_record(batch: list[_Pending]) -> list[bool]:
         batches.append(len(batch))
         return real_record(batch)
 
@@ -79,7 +80,7 @@ def test_concurrent_instances_are_all_indexed_and_batched(
 
 def test_the_same_instance_from_two_associations_is_stored_once_and_counted(
     engine: Engine,
-    rec: index.InstanceRecorder,
+    rec: InstanceRecorder,
 ) -> None:
     headers = [_instance(1)] * 6 + [_instance(2)] * 2
     results = _record_all(rec, headers)
@@ -88,7 +89,7 @@ def test_the_same_instance_from_two_associations_is_stored_once_and_counted(
     assert (study.instance_count, study.duplicates) == (2, 6)
 
 
-def test_one_bad_instance_fails_alone(engine: Engine, rec: index.InstanceRecorder) -> None:
+def test_one_bad_instance_fails_alone(engine: Engine, rec: InstanceRecorder) -> None:
     bad = replace(_instance(99), sop_class_uid=None)  # type: ignore[arg-type]  # NOT NULL
     headers = [_instance(i) for i in range(7)] + [bad]
     results = _record_all(rec, headers)
@@ -100,7 +101,7 @@ def test_one_bad_instance_fails_alone(engine: Engine, rec: index.InstanceRecorde
         assert conn.execute(select(func.count()).select_from(instances)).scalar_one() == 7
 
 
-def test_a_batch_reopens_a_complete_study_once(engine: Engine, rec: index.InstanceRecorder) -> None:
+def test_a_batch_reopens_a_complete_study_once(engine: Engine, rec: InstanceRecorder) -> None:
     rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     (study,) = index.list_studies(engine)
     assert index.mark_complete(engine, study.id, cutoff=5.0, now=5.0) is not None
@@ -111,13 +112,13 @@ def test_a_batch_reopens_a_complete_study_once(engine: Engine, rec: index.Instan
 
 
 def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(
-    engine: Engine, rec: index.InstanceRecorder
+    engine: Engine, rec: InstanceRecorder
 ) -> None:
     first, unnumbered = _instance(1), replace(_instance(2), instance_number=None)
     batch = [
-        index._Pending(first, "MOD", "1.dcm", 1234, now=10.5),
-        index._Pending(unnumbered, "MOD", "2.dcm", 5678, now=11.25),
-        index._Pending(first, "MOD", "1b.dcm", 99, now=12.0),  # the same instance again
+        _Pending(first, "MOD", "1.dcm", 1234, now=10.5),
+        _Pending(unnumbered, "MOD", "2.dcm", 5678, now=11.25),
+        _Pending(first, "MOD", "1b.dcm", 99, now=12.0),  # the same instance again
     ]
     assert rec._record(batch) == [True, True, False]
     with engine.connect() as conn:
@@ -157,11 +158,11 @@ def test_a_batch_stores_every_column_and_its_own_repeats_as_duplicates(
 
 
 def test_a_batch_larger_than_one_insert_takes_several(
-    engine: Engine, rec: index.InstanceRecorder
+    engine: Engine, rec: InstanceRecorder
 ) -> None:
-    count, held = 2 * index._INSERT_ROWS + 3, index._INSERT_ROWS + 4  # three INSERTs
+    count, held = 2 * _INSERT_ROWS + 3, _INSERT_ROWS + 4  # three INSERTs
     assert rec.record(_instance(held), "MOD", f"{held}.dcm", 10, now=1.0)
-    batch = [index._Pending(_instance(i), "MOD", f"{i}.dcm", 10, now=2.0) for i in range(count)]
+    batch = [_Pending(_instance(i), "MOD", f"{i}.dcm", 10, now=2.0) for i in range(count)]
     assert rec._record(batch) == [i != held for i in range(count)]
     (study,) = index.list_studies(engine)
     assert (study.instance_count, study.duplicates) == (count, 1)
@@ -169,7 +170,7 @@ def test_a_batch_larger_than_one_insert_takes_several(
 
 def test_a_driver_error_is_raised_as_sqlalchemys_and_keeps_the_connection(
     engine: Engine,
-    rec: index.InstanceRecorder,
+    rec: InstanceRecorder,
 ) -> None:
     assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     kept = rec._kept[0]
@@ -196,7 +197,7 @@ def test_a_driver_error_is_raised_as_sqlalchemys_and_keeps_the_connection(
 
 
 def test_a_kept_connection_closed_under_the_recorder_is_replaced(
-    engine: Engine, rec: index.InstanceRecorder
+    engine: Engine, rec: InstanceRecorder
 ) -> None:
     assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     dbapi_connection = rec._kept[0].connection.dbapi_connection
@@ -211,7 +212,7 @@ def test_a_kept_connection_closed_under_the_recorder_is_replaced(
 
 
 def test_the_kept_connection_goes_back_to_the_pool_on_close(
-    engine: Engine, rec: index.InstanceRecorder
+    engine: Engine, rec: InstanceRecorder
 ) -> None:
     assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
     assert rec.record(_instance(1), "MOD", "1.dcm", 10, now=2.0)
@@ -226,7 +227,7 @@ def test_the_kept_connection_goes_back_to_the_pool_on_close(
 def test_a_kept_connection_the_server_ended_is_replaced(postgres_url: str) -> None:
     engine = open_database(postgres_url)
     try:
-        rec = index.InstanceRecorder(engine)
+        rec = InstanceRecorder(engine)
         assert rec.record(_instance(0), "MOD", "0.dcm", 10, now=1.0)
         # What a PostgreSQL restart does to every open connection.
         with engine.connect() as admin:
@@ -274,7 +275,7 @@ def test_receivers_take_turns_at_an_sqlite_index_and_wait_for_each_other(
     assert turn is not None and turn.path.name == "index.sqlite3-writer.lock"
     # Another receiver process: its own open file, so flock() keeps the two apart.
     other = WriterTurn(turn.path)
-    rec = index.InstanceRecorder(engine)
+    rec = InstanceRecorder(engine)
     done = threading.Event()
 
     def record() -> None:

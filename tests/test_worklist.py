@@ -33,6 +33,7 @@ from pacs_ai.pipeline.dispatch import Dispatcher
 from pacs_ai.pipeline.infer import ModelCache, WorkerContext, run_job
 from pacs_ai.pipeline.route import Escalation, Priority, RuleSettings
 from pacs_ai.storage import index
+from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.web.context import WebContext
 from pacs_ai.worklist import priority, reviews
 from pacs_ai.worklist.findings import JobFindings, JobView, parse
@@ -133,7 +134,7 @@ class Site:
             "series_description": series_description,
         }
         header = replace(BASE, **{**values, **fields})
-        index.InstanceRecorder(self.engine).record(header, "TESTSCU", f"{n}.dcm", 1, received_at)
+        InstanceRecorder(self.engine).record(header, "TESTSCU", f"{n}.dcm", 1, received_at)
         (summary,) = index.find_studies(self.engine, header.study_instance_uid)
         if complete:
             self.complete(summary.id, received_at)
@@ -735,7 +736,7 @@ def test_refresh_query_and_reviews_on_each_database(engine: Engine):
             escalate=(Escalation(finding="nodule", min_certainty=0.8),),
         ),
     )
-    recorder = index.InstanceRecorder(engine)
+    recorder = InstanceRecorder(engine)
     study_ids = []
     for n in range(3):
         header = replace(

@@ -10,13 +10,13 @@ the bytes are unusual enough that the walk might see them differently from pydic
 meta, a VR switch, an undefined-length value), the header comes from ``dcmread`` as before.
 
 Converting those elements with pydicom was still most of the read, so the common ones are
-decoded here straight from their bytes, reproducing pydicom's conversion step for step (see
-:func:`_header_from_walk`); anything less plain goes through pydicom as before.
+decoded straight from their bytes (:mod:`pacs_ai.dicom.values`), reproducing pydicom's
+conversion step for step (see :func:`_header_from_walk`); anything less plain goes through
+pydicom as before.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -30,7 +30,6 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.errors import InvalidDicomError
 from pydicom.hooks import hooks, raw_element_value, raw_element_vr
-from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
@@ -38,9 +37,10 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
-from pydicom.valuerep import VR, validate_value
+from pydicom.valuerep import VR
 
 from pacs_ai.dicom.part10 import Part10
+from pacs_ai.dicom.values import DECODERS, NotPlain, as_float, as_int, as_text, as_uid
 
 # PS3.5 7.1.2: these VRs carry a 4-byte length after two reserved bytes in explicit VR.
 _LONG_VRS = frozenset(
@@ -190,7 +190,7 @@ def _pydicom_as_shipped() -> bool:
 def _transfer_syntax(raw: RawDataElement, direct: bool) -> str:
     value = raw.value
     if direct and raw.VR == "UI" and value and b"\\" not in value:
-        return _uid("UI", value, None, config.settings.reading_validation_mode)
+        return as_uid("UI", value, None, config.settings.reading_validation_mode)
     # str() of a multi-valued UID is a list's repr: pydicom's answer, kept as it was.
     return str(convert_raw_data_element(raw, encoding=default_encoding).value)
 
@@ -200,7 +200,7 @@ def _header_from_walk(walker: _Walker, tsuid: str, direct: bool) -> InstanceHead
 
     With ``direct``, an element written with its dictionary VR (or in implicit VR, where
     pydicom takes the dictionary VR) is decoded here; one the decoder cannot vouch for
-    (:class:`_NotPlain`) and any other VR go through pydicom, as does text under a Specific
+    (:class:`NotPlain`) and any other VR go through pydicom, as does text under a Specific
     Character Set outside :data:`_PLAIN_CHARSETS`.
     """
     found = walker.found
@@ -224,9 +224,9 @@ def _header_from_walk(walker: _Walker, tsuid: str, direct: bool) -> InstanceHead
                 fields[name] = read(None)
                 continue
             try:
-                fields[name] = _DECODERS[vr](vr, walker.value(tag), encoding, mode)
+                fields[name] = DECODERS[vr](vr, walker.value(tag), encoding, mode)
                 continue
-            except _NotPlain:
+            except NotPlain:
                 pass
         raw = walker.raw_element(tag)
         fields[name] = read(convert_raw_data_element(raw, encoding=pydicom_encoding).value)
@@ -251,98 +251,6 @@ def _plain_encoding(walker: _Walker) -> str | None:
     # As pydicom reads the CS value; several values (code extensions) are never plain.
     name = walker.value(_CHARSET_TAG).decode(default_encoding).rstrip(" \0")
     return _PLAIN_CHARSETS.get(name)
-
-
-class _NotPlain(Exception):
-    """The value is one the direct decoding does not reproduce; pydicom converts it."""
-
-
-# Each decoder reproduces pydicom's converter for the VR (pydicom.values) followed by the
-# field's reader (_text, _int, _float) for a value of non-zero length; it calls pydicom's
-# validate_value where pydicom's reading does, so WARN mode warns alike.
-def _string(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
-    # CS, DA, TM (convert_string): Latin-1 whatever the character set, padding cut from the
-    # end of the whole value only.
-    return _joined(value.decode(default_encoding).rstrip(" \0").split("\\"))
-
-
-def _uid(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
-    # convert_UI, then UID(), which validates each value and strips it.
-    items = value.decode(default_encoding).rstrip("\0 ").split("\\")
-    for item in items:
-        validate_value("UI", item, mode)
-    return "\\".join(item.strip() for item in items)
-
-
-def _short_or_long(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
-    # SH, LO (convert_text): each value validated, then cut off trailing NULs and spaces.
-    parts = _decoded(value, encoding).split("\\")
-    for part in parts:
-        validate_value(vr, part, mode)
-    return _joined([part.rstrip("\0 ") for part in parts])
-
-
-def _person_name(vr: str, value: bytes, encoding: str | None, mode: int) -> str:
-    # convert_PN: str() of each PersonName joins its component groups without empty
-    # trailing ones.
-    names = []
-    for name in _decoded(value.rstrip(b"\0 "), encoding).split("\\"):
-        validate_value("PN", name, mode)
-        groups = name.split("=")
-        while groups and not groups[-1]:
-            groups.pop()
-        names.append("=".join(groups))
-    return _joined(names)
-
-
-# Valid IS and DS values (PS3.5 6.2, as pydicom's validators read them): IS() and DSfloat()
-# take them without a warning and hold int(value) / float(value). Anything else (several
-# values, "1.0", "nan", over-long) goes to pydicom, whose fallbacks are its own business.
-_IS_VALUE = re.compile(r" *[+-]?[0-9]+")
-_DS_VALUE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-
-
-def _integer_string(vr: str, value: bytes, encoding: str | None, mode: int) -> int:
-    item = value.decode(default_encoding).rstrip(" \0")
-    if len(item) > 12 or not _IS_VALUE.fullmatch(item):
-        raise _NotPlain
-    return int(item)
-
-
-def _decimal_string(vr: str, value: bytes, encoding: str | None, mode: int) -> float:
-    item = value.decode(default_encoding).strip().rstrip(" \0")
-    if not _DS_VALUE.fullmatch(item):
-        raise _NotPlain
-    return float(item)
-
-
-def _decoded(value: bytes, encoding: str | None) -> str:
-    # pydicom's decode_bytes without escape sequences: one codec; on failure it substitutes
-    # replacement characters and warns, which we leave to it.
-    if encoding is None or b"\x1b" in value:
-        raise _NotPlain
-    try:
-        return value.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise _NotPlain from exc
-
-
-def _joined(values: list[str]) -> str:
-    # _text: a single value stripped, several joined as they are.
-    return values[0].strip() if len(values) == 1 else "\\".join(values)
-
-
-_DECODERS: dict[str, Callable[[str, bytes, str | None, int], Any]] = {
-    "CS": _string,
-    "DA": _string,
-    "TM": _string,
-    "UI": _uid,
-    "SH": _short_or_long,
-    "LO": _short_or_long,
-    "PN": _person_name,
-    "IS": _integer_string,
-    "DS": _decimal_string,
-}
 
 
 def _check_pixels(header: InstanceHeader, has_pixels: bool) -> None:
@@ -579,55 +487,30 @@ class _Walker:
                 offset += length
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
-
-
-def _int(value: Any) -> int | None:
-    try:
-        number = int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-    # An IS longer than its 12 characters (pydicom only warns) can pass what the index's
-    # 64-bit column holds: such a number is as good as absent, not a reason to refuse.
-    return number if number is None or -(2**63) <= number < 2**63 else None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
 # InstanceHeader field -> (pydicom keyword, how its value becomes the field).
 _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "sop_class_uid": ("SOPClassUID", _text),
-    "sop_instance_uid": ("SOPInstanceUID", _text),
-    "study_instance_uid": ("StudyInstanceUID", _text),
-    "series_instance_uid": ("SeriesInstanceUID", _text),
-    "instance_number": ("InstanceNumber", _int),
-    "patient_id": ("PatientID", _text),
-    "patient_name": ("PatientName", _text),
-    "patient_birth_date": ("PatientBirthDate", _text),
-    "patient_sex": ("PatientSex", _text),
-    "accession_number": ("AccessionNumber", _text),
-    "study_date": ("StudyDate", _text),
-    "study_time": ("StudyTime", _text),
-    "study_description": ("StudyDescription", _text),
-    "referring_physician_name": ("ReferringPhysicianName", _text),
-    "modality": ("Modality", _text),
-    "series_number": ("SeriesNumber", _int),
-    "series_description": ("SeriesDescription", _text),
-    "body_part_examined": ("BodyPartExamined", _text),
-    "protocol_name": ("ProtocolName", _text),
-    "manufacturer": ("Manufacturer", _text),
-    "slice_thickness": ("SliceThickness", _float),
-    "image_type": ("ImageType", _text),
+    "sop_class_uid": ("SOPClassUID", as_text),
+    "sop_instance_uid": ("SOPInstanceUID", as_text),
+    "study_instance_uid": ("StudyInstanceUID", as_text),
+    "series_instance_uid": ("SeriesInstanceUID", as_text),
+    "instance_number": ("InstanceNumber", as_int),
+    "patient_id": ("PatientID", as_text),
+    "patient_name": ("PatientName", as_text),
+    "patient_birth_date": ("PatientBirthDate", as_text),
+    "patient_sex": ("PatientSex", as_text),
+    "accession_number": ("AccessionNumber", as_text),
+    "study_date": ("StudyDate", as_text),
+    "study_time": ("StudyTime", as_text),
+    "study_description": ("StudyDescription", as_text),
+    "referring_physician_name": ("ReferringPhysicianName", as_text),
+    "modality": ("Modality", as_text),
+    "series_number": ("SeriesNumber", as_int),
+    "series_description": ("SeriesDescription", as_text),
+    "body_part_examined": ("BodyPartExamined", as_text),
+    "protocol_name": ("ProtocolName", as_text),
+    "manufacturer": ("Manufacturer", as_text),
+    "slice_thickness": ("SliceThickness", as_float),
+    "image_type": ("ImageType", as_text),
 }
 _KEYWORDS = tuple(keyword for keyword, _ in _FIELDS.values())
 # InstanceHeader field -> (tag, its dictionary VR, reader), in _FIELDS order.

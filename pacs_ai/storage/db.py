@@ -41,7 +41,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets receivers in several processes write while readers read. synchronous=FULL
     # syncs the WAL at every commit: an acknowledged instance's row survives a power cut, not
-    # only a crash. Group commit (storage/index.py) shares that sync between associations;
+    # only a crash. Group commit (storage/recorder.py) shares that sync between associations;
     # it cost about 10 % of ingest throughput against NORMAL in bench/ingest.py.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")

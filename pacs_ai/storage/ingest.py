@@ -20,6 +20,7 @@ from pacs_ai.dicom.part10 import Part10
 from pacs_ai.dicom.status import StoreStatus
 from pacs_ai.errors import OutOfSpace
 from pacs_ai.storage import index
+from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.storage.spool import Spool, is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Ingest:
     ) -> None:
         self.spool = spool
         self.engine = engine
-        self.recorder = index.InstanceRecorder(engine)
+        self.recorder = InstanceRecorder(engine)
         self.clock = clock
 
     def close(self) -> None:
