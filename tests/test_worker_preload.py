@@ -102,6 +102,20 @@ def test_an_unknown_preload_model_is_a_config_error_naming_it_and_the_installed_
     )
 
 
+def _refused_worker(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pacs-ai worker ARGS`` run in ``cwd``, which must stop before it reaches a broker."""
+    # No broker answers at this URL: the command must stop before it tries one.
+    env = without_node_settings(PACS_AI_BROKER__URL="redis://127.0.0.1:9/0")
+    return subprocess.run(
+        [sys.executable, "-m", "pacs_ai", "worker", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize("where", ["option", "file"])
 def test_the_worker_command_refuses_to_start_with_an_unknown_model(
     tmp_path: Path, where: str
@@ -110,17 +124,8 @@ def test_the_worker_command_refuses_to_start_with_an_unknown_model(
         '[worker]\nnode_url = "http://127.0.0.1:9"\ntoken = "t"\n'
         + ('preload = ["no-such-model"]\n' if where == "file" else "")
     )
-    # No broker answers at this URL: the command must stop before it tries one.
-    env = without_node_settings(PACS_AI_BROKER__URL="redis://127.0.0.1:9/0")
     args = ["--preload", MODEL, "--preload", "no-such-model"] if where == "option" else []
-    done = subprocess.run(
-        [sys.executable, "-m", "pacs_ai", "worker", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _refused_worker(tmp_path, *args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "invalid configuration" in done.stderr
     assert "worker.preload: model 'no-such-model' is not installed" in done.stderr
@@ -129,15 +134,7 @@ def test_the_worker_command_refuses_to_start_with_an_unknown_model(
 
 
 def test_the_worker_command_refuses_preload_for_a_delivery_only_worker(tmp_path: Path) -> None:
-    env = without_node_settings(PACS_AI_BROKER__URL="redis://127.0.0.1:9/0")
-    done = subprocess.run(
-        [sys.executable, "-m", "pacs_ai", "worker", "--queues", "send", "--preload", MODEL],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _refused_worker(tmp_path, "--queues", "send", "--preload", MODEL)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--preload loads models for inference: add infer to --queues" in done.stderr
 
