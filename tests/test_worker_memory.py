@@ -104,11 +104,14 @@ def _pool_environment(tmp_path: Path, queues: str, **settings: str) -> dict[str,
 
 
 def _pool(pid: int) -> list[int]:
-    return [
-        kid
-        for kid in children(pid)
-        if b"--billiard-fork" in Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
-    ]
+    return [kid for kid in children(pid) if "--billiard-fork" in _command_line(kid)]
+
+
+def _command_line(pid: int) -> list[str]:
+    try:  # a child may be gone between the listing and the read
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except FileNotFoundError:
+        return []
 
 
 @pytest.mark.parametrize(
