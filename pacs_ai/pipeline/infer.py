@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from pacs_ai.audit.trail import Auditor
 from pacs_ai.config import Settings
+from pacs_ai.dicom.encode import part10_bytes
 from pacs_ai.errors import NetworkError, NotAVolume, PacsAiError
 from pacs_ai.imaging.volume import build_volume, in_volume_order
 from pacs_ai.models.base import Model, ModelManifest, Prediction
@@ -277,6 +278,9 @@ def _encode(
 
 def encoded_bytes(dataset: Dataset) -> bytes:
     """``dataset`` as a DICOM Part 10 file in memory (what the node stores and sends)."""
+    fast = part10_bytes(dataset)
+    if fast is not None:
+        return fast
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
