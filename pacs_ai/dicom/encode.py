@@ -73,7 +73,7 @@ def part10_bytes(dataset: Dataset) -> bytes | None:
     out: list[bytes] = []
     try:
         _write_dataset(out, dataset, default_encoding, [dataset])
-    except (_NotPlain, UnicodeEncodeError, struct.error):
+    except (_NotPlain, UnicodeEncodeError, struct.error, OverflowError):
         # pydicom raises for a value it cannot encode, or writes what it alone knows how to.
         return None
     out.insert(0, _header(dataset))
@@ -131,8 +131,8 @@ def _write_element(
     vr = element.VR
     tag = element.tag
     undefined = element.is_undefined_length
-    if element.is_buffered or (undefined and vr != "SQ"):
-        raise _NotPlain
+    if element.is_buffered or (undefined and vr != "SQ") or vr not in writers:
+        raise _NotPlain  # pydicom refuses a VR it does not know, even on an empty element
     if element.is_empty:
         value = b""
     elif vr == "SQ":
