@@ -11,10 +11,10 @@ import copy
 import warnings
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
@@ -23,7 +23,6 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from pacs_ai.dicom.encode import part10_bytes
-from pacs_ai.models.base import Prediction
 from pacs_ai.pipeline.infer import encoded_bytes
 from pacs_ai.results.seg import build_seg
 from pacs_ai.results.sr import build_sr
@@ -46,19 +45,9 @@ def by_pydicom(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
-    return chest_sources(tmp_path_factory.mktemp("chest"))
-
-
-@pytest.fixture(scope="module")
-def prediction(sources: list[Dataset]) -> Prediction:
-    return threshold_prediction(sources)
-
-
-def test_the_nodes_seg_and_sr_are_written_as_pydicom_writes_them(
-    sources: list[Dataset], prediction: Prediction
-) -> None:
+def test_the_nodes_seg_and_sr_are_written_as_pydicom_writes_them(tmp_path: Path) -> None:
+    sources = chest_sources(tmp_path)
+    prediction = threshold_prediction(sources)
     # Built here: highdicom leaves Pixel Data "OB or OW", which each writer resolves in place.
     seg = build_seg(sources, prediction, MANIFEST, "job-7")
     sr = build_sr(sources, seg, prediction, MANIFEST, "job-7")
