@@ -173,11 +173,11 @@ def test_config_check_cli(tmp_path: Path) -> None:
 
 
 def test_bad_config_never_starts_the_node(tmp_path: Path) -> None:
-    path = write(tmp_path, "[node]\ndicom_port = 0\n")
+    path = write(tmp_path, f'[node]\ndicom_port = 0\ndata_dir = "{tmp_path / "data"}"\n')
     result = pacs_ai_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert "node.dicom_port" in result.stderr
-    assert not (tmp_path / "pacs-ai-data").exists()
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_rule_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> None:
@@ -190,8 +190,11 @@ def test_a_rule_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> 
 
 
 def test_a_preload_naming_a_missing_model_never_starts_the_node(tmp_path: Path) -> None:
-    path = write(tmp_path, '[worker]\npreload = ["no-such-model"]\n')
+    path = write(
+        tmp_path,
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n[worker]\npreload = ["no-such-model"]\n',
+    )
     result = pacs_ai_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert "worker.preload: model 'no-such-model' is not installed" in result.stderr
-    assert not (tmp_path / "pacs-ai-data").exists()
+    assert not (tmp_path / "data").exists()

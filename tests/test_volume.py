@@ -334,16 +334,22 @@ def test_integer_rescales_give_what_float64_gives(
     ],
 )
 def test_the_float32_shortcut_is_exact_over_every_stored_value(
-    dtype: str, slope: int, intercept: int
+    series: list[Dataset], dtype: str, slope: int, intercept: int
 ) -> None:
     info = np.iinfo(dtype)
-    stored = np.arange(info.min, int(info.max) + 1).astype(dtype)
+    # Every value the type holds, as one square slice (256² for 16 bits, 16² for 8).
+    side = 256 if info.bits == 16 else 16
+    stored = np.arange(info.min, int(info.max) + 1).astype(dtype).reshape(side, side)
     assert _exact_in_float32(stored, float(slope), float(intercept))
-    shortcut = stored.astype(np.float32)
-    shortcut *= np.float32(slope)
-    shortcut += np.float32(intercept)
+    ds = series[0]
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated = ds.BitsStored = info.bits
+    ds.HighBit, ds.PixelRepresentation = info.bits - 1, int(info.min < 0)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = stored.tobytes()
     expected = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
-    np.testing.assert_array_equal(shortcut, expected)
+    volume = build_volume([ds], require_3d=False)
+    np.testing.assert_array_equal(volume.voxels[0], expected)
 
 
 def test_the_float32_shortcut_is_refused_where_float32_would_round() -> None:

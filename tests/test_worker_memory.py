@@ -75,32 +75,32 @@ def test_nothing_is_set_for_zero_or_over_the_administrators_own_settings() -> No
 def _pool_environment(tmp_path: Path, queues: str, **settings: str) -> dict[str, str]:
     """The environment of the pool process of a real ``pacs-ai worker``."""
     redis = RedisServer(workdir=tmp_path / "redis").start()
-    env = without_node_settings(
-        PACS_AI_BROKER__URL=redis.url, PACS_AI_NODE__DATA_DIR=str(tmp_path / "data"), **settings
-    )
-    for name in THRESHOLDS:
-        env.pop(name, None)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "pacs_ai", "worker", "--queues", queues, "--device", "cpu"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     try:
-        # Its children: billiard's semaphore tracker, and the pool process (spawned).
-        wait_for(lambda: bool(_pool(worker.pid)), 60, "the worker's pool process")
-        (pool,) = _pool(worker.pid)
-        raw = Path(f"/proc/{pool}/environ").read_bytes()
-        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+        env = without_node_settings(
+            PACS_AI_BROKER__URL=redis.url, PACS_AI_NODE__DATA_DIR=str(tmp_path / "data"), **settings
+        )
+        for name in THRESHOLDS:
+            env.pop(name, None)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pacs_ai", "worker", "--queues", queues, "--device", "cpu"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            # Its children: billiard's semaphore tracker, and the pool process (spawned).
+            wait_for(lambda: bool(_pool(worker.pid)), 60, "the worker's pool process")
+            (pool,) = _pool(worker.pid)
+            raw = Path(f"/proc/{pool}/environ").read_bytes()
+            return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+        finally:
+            kill_tree(worker.pid)
+            worker.wait(30)
     finally:
-        kill_tree(worker.pid)
-        worker.wait(30)
-        assert redis.process is not None
-        redis.process.kill()
-        redis.process.wait(30)
+        redis.stop()
 
 
 def _pool(pid: int) -> list[int]:

@@ -18,7 +18,7 @@ import pytest
 
 from pacs_ai.config import Settings, load_settings
 from pacs_ai.errors import ConfigError
-from pacs_ai.models.registry import available
+from pacs_ai.models.registry import available, check_preload
 from pacs_ai.pipeline import jobs, warmup
 from pacs_ai.pipeline.infer import ModelCache
 from pacs_ai.pipeline.queues import INFER_TASK
@@ -45,7 +45,7 @@ def _settings(tmp_path: Path, toml: str) -> Settings:
 # --- the setting ------------------------------------------------------------------------------
 
 
-def test_preload_comes_from_the_file_or_thewithout_node_settings(
+def test_preload_comes_from_the_file_or_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _settings(tmp_path, "").worker.preload == ()
@@ -88,16 +88,16 @@ def test_without_preload_the_rules_models_are_loaded(tmp_path: Path) -> None:
 def test_an_unknown_preload_model_is_a_config_error_naming_it_and_the_installed_ones(
     tmp_path: Path,
 ) -> None:
-    warmup.check_preload(_settings(tmp_path, f'[worker]\npreload = ["{MODEL}"]\n'))
+    check_preload(_settings(tmp_path, f'[worker]\npreload = ["{MODEL}"]\n'))
     settings = _settings(tmp_path, f'[worker]\npreload = ["{MODEL}", "ct-organs-thresold"]\n')
     with pytest.raises(ConfigError) as refused:
-        warmup.check_preload(settings)
+        check_preload(settings)
     ((key, message),) = refused.value.problems
     assert key == "worker.preload"
     assert "'ct-organs-thresold' is not installed" in message
     assert f"(installed: {', '.join(available())})" in message
     # A delivery-only worker loads no model, so its preload does not matter.
-    warmup.check_preload(
+    check_preload(
         _settings(tmp_path, '[worker]\nqueues = ["send"]\npreload = ["ct-organs-thresold"]\n')
     )
 

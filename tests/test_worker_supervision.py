@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pacs_ai.config import Settings, load_settings
+from pacs_ai.errors import ConfigError
 from pacs_ai.pipeline import runtime
 from pacs_ai.pipeline.runtime import AIRuntime
 
@@ -45,7 +46,9 @@ def test_a_worker_that_refuses_its_configuration_is_not_restarted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The file the node started with, edited since: an AE title longer than 16 characters.
-    edited = _write(tmp_path / "edited.toml", tmp_path, '[node]\nae_title = "A_TITLE_TOO_LONG_X"\n')
+    edited = _write(tmp_path / "edited.toml", tmp_path, 'ae_title = "A_TITLE_TOO_LONG_X"\n')
+    with pytest.raises(ConfigError, match=r"node\.ae_title"):
+        load_settings(edited)
     clock = Clock()
     ai = _runtime(tmp_path, edited, clock)
     ai._start_worker()
