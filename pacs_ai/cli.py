@@ -32,6 +32,7 @@ from pacs_ai.commands.common import (
     err,
     open_admin,
     out,
+    refused_as_exit,
 )
 from pacs_ai.commands.common import dump as _dump
 from pacs_ai.commands.common import fail as _fail
@@ -79,13 +80,8 @@ def serve(config: ConfigOption = None) -> None:
     from pacs_ai.node import Node
 
     settings = _settings(config)
-    try:
+    with refused_as_exit():
         Node(settings, config_path=config_path(config)).run()
-    except ConfigError as exc:
-        _print_config_error(exc)
-        raise typer.Exit(2) from None
-    except PacsAiError as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -146,15 +142,10 @@ def worker(
 
     configure_process(settings)
     # After the logging is set up: listing the models logs what it leaves out.
-    from pacs_ai.pipeline.warmup import check_preload
+    from pacs_ai.models.registry import check_preload
 
-    try:
+    with refused_as_exit():
         check_preload(settings)
-    except ConfigError as exc:
-        _print_config_error(exc)
-        raise typer.Exit(2) from None
-    except PacsAiError as exc:
-        _fail(str(exc))
     if "infer" in settings.worker.queues:
         from pacs_ai.pipeline.memory import retain_freed_memory
 

@@ -205,7 +205,7 @@ class WorkerSettings(_Section):
     # The models a worker loads when it starts, before its first job. Empty: those the
     # enabled rules name. A worker on another machine usually has no rules of its own (they
     # live on the node): name its models here, or its first job pays for the load. The names
-    # are checked when `pacs-ai worker` starts (pacs_ai.pipeline.warmup.check_preload).
+    # are checked when `pacs-ai worker` starts (pacs_ai.models.registry.check_preload).
     preload: tuple[Annotated[str, Field(min_length=1)], ...] = ()
     # Freed memory an inference worker keeps for its next job instead of giving it back to
     # the kernel (pacs_ai.pipeline.memory): a later job skips the page faults of its large

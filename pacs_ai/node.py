@@ -29,7 +29,7 @@ from pacs_ai.audit.events import AuditEvent, Kind
 from pacs_ai.audit.trail import Auditor, record_start
 from pacs_ai.config import Settings
 from pacs_ai.dicom.scp import ListeningSockets, Receiver, bind_port, open_listening_sockets
-from pacs_ai.errors import ConfigError, NetworkError
+from pacs_ai.errors import NetworkError
 from pacs_ai.pipeline.assemble import Assembler, CompletionListener
 from pacs_ai.pipeline.queues import broker_reachable
 from pacs_ai.pipeline.runtime import AIRuntime
@@ -95,20 +95,16 @@ def _check_port_free(settings: Settings) -> None:
             raise NetworkError(f"cannot listen on {node.bind}:{port}: {exc.strerror}") from None
 
 
-def _check_rule_models(settings: Settings) -> None:
-    """Refuse to start when a rule names a model that is not installed."""
-    from pacs_ai.models.registry import available, not_installed, register_dirs
+def _check_models(settings: Settings, with_preload: bool, source: str) -> None:
+    """Refuse to start when a rule, or the embedded worker's preload, names a model that is not
+    installed: the embedded worker would refuse its preload too, and the node would run on
+    without inference."""
+    from pacs_ai.models.registry import check_installed, preload_wanted
 
-    register_dirs(settings.models.paths)
-    installed = available()
-    problems = [
-        (f"rules.{rule.name}", why)
-        for rule in settings.rules
-        for model in rule.models
-        if (why := not_installed(model, installed))
-    ]
-    if problems:
-        raise ConfigError(problems, "rules")
+    wanted = [(f"rules.{rule.name}", model) for rule in settings.rules for model in rule.models]
+    if with_preload:
+        wanted += preload_wanted(settings)
+    check_installed(settings.models.paths, wanted, source)
 
 
 def _receiver_process(
@@ -269,13 +265,9 @@ class Node:
     def run(self) -> None:
         settings = self.settings
         configure_process(settings)
-        _check_rule_models(settings)
-        if self.ai_path and settings.worker.embedded:
-            # The embedded worker would refuse them too, and be restarted again and again.
-            # Imported here: warmup brings highdicom, which the receivers never need.
-            from pacs_ai.pipeline.warmup import check_preload
-
-            check_preload(settings)
+        _check_models(
+            settings, self.ai_path and settings.worker.embedded, str(self.config_path or "defaults")
+        )
         _check_port_free(settings)
         ingest = make_ingest(settings, run_migrations=True)
         auditor = Auditor(ingest.engine, settings)

@@ -63,6 +63,19 @@ def print_config_error(exc: ConfigError) -> None:
         err.print(f"  {key or '(file)'}: {message}")
 
 
+@contextmanager
+def refused_as_exit() -> Iterator[None]:
+    """A command's refusal as its exit: a bad configuration exits 2 with each problem named,
+    any other deliberate error 1 with its message."""
+    try:
+        yield
+    except ConfigError as exc:
+        print_config_error(exc)
+        raise typer.Exit(2) from None
+    except PacsAiError as exc:
+        fail(str(exc))
+
+
 def settings_from(config: Path | None) -> Settings:
     try:
         return load_settings(config)

@@ -26,11 +26,14 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pacs_ai.errors import UnknownModel
+from pacs_ai.errors import ConfigError, UnknownModel
 from pacs_ai.models.base import Model, ModelManifest
 from pacs_ai.models.builtin import BUILTIN_MODELS
+
+if TYPE_CHECKING:
+    from pacs_ai.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +163,43 @@ def not_installed(name: str, installed: Collection[str]) -> str | None:
     if name in installed:
         return None
     return f"model {name!r} is not installed (installed: {', '.join(installed) or 'none'})"
+
+
+def check_installed(
+    paths: Sequence[Path], wanted: Sequence[tuple[str, str]], source: str = ""
+) -> None:
+    """Raise :class:`ConfigError` for each ``(setting, model name)`` in ``wanted`` that this
+    machine cannot run, once the model folders ``paths`` are registered process-wide.
+
+    Not part of the settings' validation: which models exist is a fact of the machine that
+    runs them (its installed plugins, its ``models.paths``), while the settings are read by
+    every process and command on every machine, and listing the models imports each model's
+    module (scipy, a plugin's own code). A folder that cannot be read raises
+    :class:`~pacs_ai.errors.ModelLoadError`.
+    """
+    if not wanted:
+        return
+    register_dirs(paths)
+    installed = available()
+    problems = [(key, why) for key, name in wanted if (why := not_installed(name, installed))]
+    if problems:
+        raise ConfigError(problems, source)
+
+
+def preload_wanted(settings: Settings) -> list[tuple[str, str]]:
+    """``worker.preload``'s models, as :func:`check_installed` takes them, where the worker
+    warms up (it consumes ``infer``); none for a delivery-only worker, which loads no model."""
+    if "infer" not in settings.worker.queues:
+        return []
+    return [("worker.preload", name) for name in settings.worker.preload]
+
+
+def check_preload(settings: Settings) -> None:
+    """What ``pacs-ai worker`` checks before Celery starts: a GPU server that names a model it
+    does not have refuses to start, with the name and the models it has, as ``pacs-ai
+    serve`` does for a rule's model (a warning in its log would only be found when the first
+    study comes late)."""
+    check_installed(settings.models.paths, preload_wanted(settings), "worker")
 
 
 def create(name: str) -> Model:

@@ -29,7 +29,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pacs_ai.config import Settings
-from pacs_ai.errors import ConfigError
 from pacs_ai.imaging.volume import build_volume, in_volume_order
 from pacs_ai.models.base import (
     ANATOMICAL_STRUCTURE,
@@ -67,34 +66,6 @@ def models_to_load(settings: Settings) -> list[str]:
     if settings.worker.preload:
         return list(dict.fromkeys(settings.worker.preload))
     return rule_models(settings)
-
-
-def check_preload(settings: Settings) -> None:
-    """Raise :class:`ConfigError` for each ``worker.preload`` name this machine cannot load.
-
-    Called by ``pacs-ai worker`` before Celery starts, not by the settings' validation:
-    which models exist is a fact of the machine that runs them (its installed plugins, its
-    ``models.paths``), while the settings are read by every process and command on every
-    machine, and listing the models imports each model's module (scipy, a plugin's own code).
-    A GPU server that named a model it does not have refuses to start, with the name and
-    the models it has, as ``pacs-ai serve`` does for a rule's model: a warning in its log
-    would only be found when the first study comes late. A model folder that cannot be read
-    raises :class:`~pacs_ai.errors.ModelLoadError`.
-    """
-    if not settings.worker.preload or "infer" not in settings.worker.queues:
-        return  # only an inference worker warms up
-    # Imported here: listing the models imports their modules.
-    from pacs_ai.models.registry import available, not_installed, register_dirs
-
-    register_dirs(settings.models.paths)
-    installed = available()
-    problems = [
-        ("worker.preload", why)
-        for name in settings.worker.preload
-        if (why := not_installed(name, installed))
-    ]
-    if problems:
-        raise ConfigError(problems, "worker")
 
 
 def start(settings: Settings, models: ModelCache) -> threading.Thread | None:
