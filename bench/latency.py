@@ -12,7 +12,9 @@ the SEG and SR to a real Orthanc. The stages come from the node's own records (i
     queue wait  on the queue → claimed by a worker
     warm-up     waiting for the worker's warm-up, when the job came while the worker started
     load        loading the model, when the worker's warm-up did not
-    volume      reading the series and building the volume
+    volume      reading the series and building the volume, or taking the one a worker
+                built during the quiet period (``worker.prepare_mb``; that reading is printed
+                apart, as "prepared", and is not part of the end-to-end time)
     inference   the model
     encode      SEG + SR
     delivery    encoded → last delivery DONE at Orthanc
@@ -36,7 +38,8 @@ counts as overhead.
 ``--earlier N`` first sends N other studies of the same size, each waited for until its
 results are delivered, and measures the study after them: a node that has been running for
 a while, whose worker has done jobs before (``worker.retain_memory_mb`` keeps their memory).
-The default, 0, measures a fresh node's first study.
+The default, 0, measures a fresh node's first study. ``--prepare-mb 0`` turns the reading
+in the quiet period off (each job reads its series itself), for a comparison.
 Run: ``.venv/bin/python bench/latency.py``.
 """
 
@@ -84,14 +87,19 @@ STAGES = (
 FLOORS = ("receive floor", "delivery floor")
 
 
-def _node(workdir: Path, orthanc: OrthancProcess, model: str, quiet_s: float) -> NodeProcess:
+def _node(
+    workdir: Path, orthanc: OrthancProcess, model: str, quiet_s: float, prepare_mb: int | None
+) -> NodeProcess:
+    worker: dict[str, Any] = {"reconcile_interval_s": 1}
+    if prepare_mb is not None:
+        worker["prepare_mb"] = prepare_mb
     node = NodeProcess(
         workdir,
         quiet_period_s=quiet_s,
         receivers=0,
         peers=[orthanc_as_peer(orthanc)],
         ai_worker=True,
-        extra_worker={"reconcile_interval_s": 1},
+        extra_worker=worker,
         extra_toml=(
             f'[[rules]]\nname = "bench"\nmodels = ["{model}"]\nresults_to = ["orthanc"]\n'
             'match = { Modality = "CT", NumberOfSeriesRelatedInstances = { min = 20 } }\n'
@@ -130,6 +138,8 @@ def _stages(node: NodeProcess, study_uid: str, sent_at: float) -> dict[str, floa
         "encode": t["encode"],
         "delivery": finished - encoded_at,
         "total": finished - sent_at,
+        # Read during the quiet period, off the critical path (0: the job read the series).
+        "prepared": t.get("prepared", 0.0),
     }
 
 
@@ -210,10 +220,12 @@ def _send_and_wait(node: NodeProcess, study: ChestTruth, model: str) -> None:
             raise RuntimeError(f"{model}: job ended {job['state']}: {job['reason']}")
 
 
-def run_once(work: Path, studies: list[ChestTruth], model: str, quiet_s: float) -> dict[str, float]:
+def run_once(
+    work: Path, studies: list[ChestTruth], model: str, quiet_s: float, prepare_mb: int | None
+) -> dict[str, float]:
     """Send ``studies`` one after the other; the stages of the last."""
     orthanc = OrthancProcess(work / "orthanc")
-    node = _node(work / "node", orthanc, model, quiet_s)
+    node = _node(work / "node", orthanc, model, quiet_s, prepare_mb)
     try:
         pacs_and_node(orthanc, node)
         # A node's worker starts long before its studies arrive; here the study would
@@ -243,6 +255,11 @@ def main() -> int:
         default=0,
         help="studies the node processes before the one measured (0: a fresh node's first)",
     )
+    parser.add_argument(
+        "--prepare-mb",
+        type=int,
+        help="the worker's prepare_mb (default: the node's default; 0: no reading ahead)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -265,7 +282,9 @@ def main() -> int:
         ]
         for model in models:
             for round_no in range(args.rounds):
-                stages = run_once(root / f"{model}-{round_no}", studies, model, args.quiet)
+                stages = run_once(
+                    root / f"{model}-{round_no}", studies, model, args.quiet, args.prepare_mb
+                )
                 results.setdefault(model, []).append(stages)
                 print(
                     f"{model} round {round_no + 1}: total {stages['total']:.1f} s, "
@@ -278,11 +297,15 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     medians = {
-        m: {k: statistics.median(r[k] for r in runs) for k in (*STAGES, "total", *FLOORS)}
+        m: {
+            k: statistics.median(r[k] for r in runs)
+            for k in (*STAGES, "total", "prepared", *FLOORS)
+        }
         for m, runs in results.items()
     }
-    for stage in (*STAGES, "total"):
+    for stage in (*STAGES, "total", "prepared"):
         print(f"{stage:12}" + "".join(f"{medians[m][stage]:22.2f}" for m in results))
+    print("(prepared: the series read in the quiet period, not part of the total)")
     summary: dict[str, Any] = {}
     print("\nThe same transfers with dcmtk, in the same rounds (seconds):")
     for floor in FLOORS:

@@ -211,6 +211,12 @@ class WorkerSettings(_Section):
     # the kernel (pacs_ai.pipeline.memory): a later job skips the page faults of its large
     # arrays (about 1 s of a 300-slice CT on a small machine). 0: give everything back.
     retain_memory_mb: int = Field(2048, ge=0, le=1 << 20)
+    # While a study's quiet period runs, the node asks a worker to read each series a rule
+    # will run a model on, and build its volume (pacs_ai.pipeline.prepare): the job that comes
+    # with the completion finds it ready, if no file of the series changed since. The most
+    # memory a worker process holds for such series (about 6 bytes per voxel of 16-bit CT:
+    # 470 MB for 300 slices of 512x512). 0: no preparation; each job reads its series itself.
+    prepare_mb: int = Field(2048, ge=0, le=1 << 20)
 
     @model_validator(mode="before")
     @classmethod

@@ -277,6 +277,8 @@ class Node:
         if runtime is not None:
             listeners.append(runtime.start())
         assembler = Assembler(ingest.engine, settings.node.quiet_period_s, listeners)
+        if runtime is not None and settings.worker.prepare_mb:
+            assembler.add_lull_listener(runtime.dispatcher.on_study_lull)
         assembly_stop = threading.Event()
         assembly = threading.Thread(target=assembler.run, args=(assembly_stop,), name="assembler")
 

@@ -3,18 +3,21 @@ the rules, and jobs driven through their states by the functions the workers use
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
-from pacs_ai.config import PeerSettings
+from pacs_ai.config import PeerSettings, Settings, load_settings
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.facts import series_facts
+from pacs_ai.pipeline.infer import ModelCache, WorkerContext
 from pacs_ai.pipeline.route import DEFAULT_RULES, RuleSettings, evaluate
 from pacs_ai.storage import index
 from pacs_ai.storage.ingest import Ingest
+from pacs_ai.storage.schema import series, studies
 
 PACS = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, receive=True)
 
@@ -83,3 +86,41 @@ def fail_delivery(engine: Engine, delivery_id: int, now: float = 200.0) -> None:
     """Every attempt of a delivery fails, until it is FAILED."""
     while (delivery := jobs.claim_delivery(engine, delivery_id, now)) is not None:
         jobs.delivery_failed(engine, delivery, "association rejected", now, backoff_s=0.0)
+
+
+def node_on_disk(tmp_path: Path, database_url: str) -> tuple[Settings, Ingest]:
+    """A node's settings and ingest path with its data dir under ``tmp_path``."""
+    from pacs_ai.node import make_ingest
+
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n[storage]\nreserve_mb = 1\n'
+        f'[database]\nurl = "{database_url}"\n'
+    )
+    settings = load_settings(config)
+    return settings, make_ingest(settings, run_migrations=True)
+
+
+def local_worker(
+    settings: Settings, engine: Engine, clock: Callable[[], float] = time.time
+) -> WorkerContext:
+    """What a worker process on the node's machine runs jobs with, without a broker."""
+    return WorkerContext(
+        settings,
+        engine,
+        ModelCache("cpu"),
+        enqueue_delivery=lambda _: None,
+        enqueue_job_retry=lambda *_: None,
+        clock=clock,
+    )
+
+
+def store_one_series(ingest: Ingest, files: Sequence[Path]) -> tuple[int, int]:
+    """Store ``files`` (one series) through the ingest path; its (study id, series id)."""
+    for path in files:
+        assert ingest.store(path.read_bytes(), "CT").status == 0
+    with ingest.engine.connect() as conn:
+        study, one_series = conn.execute(
+            select(studies.c.id, series.c.id).join(series, series.c.study_id == studies.c.id)
+        ).one()
+    return int(study), int(one_series)

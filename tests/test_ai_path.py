@@ -67,7 +67,9 @@ def test_study_from_orthanc_comes_back_with_seg_and_sr(
     tmp_path: Path,
     chest_ct: ChestTruth,
 ) -> None:
-    orthanc, node = setup_pacs_and_node(node_factory, orthanc_factory, tmp_path)
+    # A quiet period long enough that the assembler surely sees the study quiet before it
+    # is complete, however loaded the machine: the worker reads both series meanwhile.
+    orthanc, node = setup_pacs_and_node(node_factory, orthanc_factory, tmp_path, quiet_period_s=3.0)
     orthanc.upload(chest_ct.files)
     (study_id,) = orthanc.get("/studies")
     orthanc.post("/modalities/pacsai/store", {"Resources": [study_id], "Synchronous": True})
@@ -82,6 +84,10 @@ def test_study_from_orthanc_comes_back_with_seg_and_sr(
     jobs = node.cli_json("jobs", "list")
     assert sorted(j["state"] for j in jobs) == ["DELIVERED", "DELIVERED"]
     assert {j["model"] for j in jobs} == {"ct-organs-threshold"}
+    # Each job took the series its worker read while the study was quiet
+    # (pacs_ai.pipeline.prepare): the checks below are of results built from those volumes.
+    for job in jobs:
+        assert "prepared" in node.cli_json("jobs", "show", str(job["id"]))["timings"]
     found = results_in(orthanc, chest_ct.study_instance_uid)
 
     for raw in found["SEG"]:

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine
 
 from pacs_ai.dicom.header import read_header
-from pacs_ai.pipeline.assemble import Assembler, StudyCompleted, due
+from pacs_ai.pipeline.assemble import Assembler, StudyCompleted, due, lull_after, lulled
 from pacs_ai.storage import index
 from pacs_ai.storage.db import open_database
 from pacs_ai.storage.index import QuietStudy
@@ -125,3 +125,58 @@ def test_two_nodes_sharing_a_database_complete_a_study_once(engine: Engine) -> N
     assert sorted(len(r) for r in results) == [0, 1]
     assert len(heard) == 1
     other_engine.dispose()
+
+
+def test_lulled_is_pure_and_stops_where_due_begins() -> None:
+    assert lull_after(30) == 2.0 and lull_after(2) == 0.5  # a quarter, at most 2 s
+    studies = [QuietStudy(1, 69.0), QuietStudy(2, 70.5), QuietStudy(3, 98.0), QuietStudy(4, 98.5)]
+    assert [s.id for s in lulled(studies, now=100.0, quiet_period_s=30)] == [2, 3]
+    assert [d.study_id for d in due(studies, now=100.0, quiet_period_s=30)] == [1]
+
+
+def test_lull_listeners_hear_of_each_lull_once(engine: Engine) -> None:
+    clock = Clock()
+    rec = InstanceRecorder(engine)
+    rec.record(instance(1), "CT1", "1.dcm", 1, clock())
+    (study,) = index.list_studies(engine)
+    lulls: list[int] = []
+    completed: list[StudyCompleted] = []
+    assembler = Assembler(engine, 8, [completed.append], clock)
+    assembler.add_lull_listener(lulls.append)
+
+    clock.now += 1.9
+    assembler.poll()
+    assert lulls == []  # still sending, as far as anyone can tell
+    clock.now += 0.2
+    assembler.poll()
+    clock.now += 1
+    assembler.poll()
+    assert lulls == [study.id]  # once, however many passes the lull lasts
+
+    rec.record(instance(2), "CT1", "2.dcm", 1, clock())  # the sender had not finished
+    clock.now += 2.1
+    assembler.poll()
+    assert lulls == [study.id, study.id]
+    clock.now += 6
+    assert len(assembler.poll()) == 1 and len(completed) == 1
+    assert lulls == [study.id, study.id]  # complete: no lull to tell of
+
+
+def test_a_failing_lull_listener_does_not_stop_completion(engine: Engine) -> None:
+    clock = Clock()
+    InstanceRecorder(engine).record(instance(1), "CT1", "1.dcm", 1, clock())
+    completed: list[StudyCompleted] = []
+    assembler = Assembler(engine, 4, [completed.append], clock)
+
+    calls: list[int] = []
+
+    def broken(study_id: int) -> None:
+        calls.append(study_id)
+        raise RuntimeError("broker down")
+
+    assembler.add_lull_listener(broken)
+    clock.now += 1.5
+    assert assembler.poll() == [] and len(calls) == 1
+    clock.now += 3
+    assert len(assembler.poll()) == 1 and len(completed) == 1
+    assert len(calls) == 1  # not told again: the failed guess is not retried

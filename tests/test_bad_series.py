@@ -13,12 +13,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from pacs_ai.config import load_settings
-from pacs_ai.node import make_ingest
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from pacs_ai.pipeline import jobs
-from pacs_ai.pipeline.infer import ModelCache, WorkerContext, run_job
+from pacs_ai.pipeline.infer import run_job
 from pacs_ai.storage.schema import WORKER_STAGES, series, studies
+from tests.records import local_worker, node_on_disk, store_one_series
 
 SMALL = Geometry(rows=64, columns=64, pixel_spacing_mm=5.6, slices=24, slice_thickness_mm=5)
 
@@ -45,34 +44,17 @@ def _tilt(path: Path) -> None:
 def test_a_series_that_is_not_a_volume_ends_its_job_with_the_reason(
     tmp_path: Path, database_url: str, damage: object, reason: str
 ) -> None:
-    config = tmp_path / "pacs-ai.toml"
-    config.write_text(
-        f'[node]\ndata_dir = "{tmp_path / "data"}"\n[storage]\nreserve_mb = 1\n'
-        f'[database]\nurl = "{database_url}"\n'
-    )
-    settings = load_settings(config)
-    ingest = make_ingest(settings, run_migrations=True)
+    settings, ingest = node_on_disk(tmp_path, database_url)
     truth = write_chest_ct(tmp_path / "ct", SMALL, with_lung_series=False, with_scout=False)
     files = sorted(truth.files)
     assert callable(damage)
     damage(files[len(files) // 2])
-    for path in files:
-        assert ingest.store(path.read_bytes(), "CT").status == 0
-    with ingest.engine.connect() as conn:
-        study_id, series_id = conn.execute(
-            select(studies.c.id, series.c.id).join(series, series.c.study_id == studies.c.id)
-        ).one()
+    study_id, series_id = store_one_series(ingest, files)
     spec = jobs.JobSpec(
         study_id, series_id, "ct-organs-threshold", "r", jobs.Priority.ROUTINE, (), 1
     )
     ((job_id, _),), _ = jobs.create(ingest.engine, [spec], [], 3, 3, 0.0)
-    ctx = WorkerContext(
-        settings,
-        ingest.engine,
-        ModelCache("cpu"),
-        enqueue_delivery=lambda _: None,
-        enqueue_job_retry=lambda *_: None,
-    )
+    ctx = local_worker(settings, ingest.engine)
     assert run_job(ctx, job_id) == "SKIPPED"
     row = jobs.job_row(ingest.engine, job_id)
     assert row is not None and row.state == "SKIPPED"

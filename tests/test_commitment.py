@@ -35,7 +35,7 @@ from pacs_ai.dicom.scp import Receiver
 from pacs_ai.phantoms.chest_ct import Geometry, write_chest_ct
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.deliver import run_delivery
-from pacs_ai.pipeline.infer import ModelCache, WorkerContext
+from pacs_ai.pipeline.infer import WorkerContext
 from pacs_ai.pipeline.route import Priority
 from pacs_ai.storage import commitments, index, retention
 from pacs_ai.storage.db import open_database
@@ -44,6 +44,7 @@ from pacs_ai.storage.schema import instances, series, studies
 from pacs_ai.storage.spool import Spool
 from tests.peers import NodeProcess, OrthancProcess, free_port, orthanc_as_peer, send_as, wait_for
 from tests.realdata import real_file
+from tests.records import local_worker
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 A, B, C = Reference(CT, "1.2.3.1"), Reference(CT, "1.2.3.2"), Reference(CT, "1.2.3.3")
@@ -130,14 +131,7 @@ class Rig:
         if ae_title:
             node = settings.node.model_copy(update={"ae_title": ae_title})
             settings = settings.model_copy(update={"node": node})
-        return WorkerContext(
-            settings,
-            self.engine,
-            ModelCache("cpu"),
-            enqueue_delivery=lambda _: None,
-            enqueue_job_retry=lambda *_: None,
-            clock=self.now,
-        )
+        return local_worker(settings, self.engine, self.now)
 
     def study_with_result(self, source: str) -> tuple[int, int, Path]:
         """A COMPLETE study from one real file and a job whose SR result awaits delivery.

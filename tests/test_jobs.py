@@ -309,3 +309,113 @@ def test_a_send_cut_off_by_a_kill_is_sent_again(engine: Engine) -> None:
     assert row is not None and row.state == "PENDING" and "cut off" in row.last_error
     again = jobs.claim_delivery(engine, delivery_id, now=162.0)
     assert again is not None and again.attempt == 2
+
+
+def test_a_quiet_study_has_the_series_its_models_will_read_prepared(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """While a study is quiet, each series that a rule runs a model on is sent once for
+    preparation, at its most urgent rule's priority; forwards and unmatched series are not.
+    Through a real Redis: the message is read back from the list Celery's worker takes it
+    from."""
+    import base64
+    import json
+
+    import redis
+
+    from pacs_ai.config import load_settings
+    from pacs_ai.pipeline.dispatch import Dispatcher
+    from pacs_ai.pipeline.queues import PRIORITY_SEP, create_app, queue_keys, send_item
+    from tests.peers import RedisServer
+    from tests.ports import free_port
+
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        '[[rules]]\nname = "ct"\nmodels = ["ct-organs-threshold"]\n'
+        '[rules.match]\nModality = "CT"\nNumberOfSeriesRelatedInstances = { min = 20 }\n'
+        '[[rules]]\nname = "urgent"\nmodels = ["ct-organs-threshold"]\npriority = "STAT"\n'
+        '[rules.match]\nModality = "CT"\nNumberOfSeriesRelatedInstances = { min = 20 }\n'
+        '[[rules]]\nname = "archive"\nforward = ["pacs"]\n'
+    )
+    settings = load_settings(config)
+    study_id = study_with_series(engine)
+    axial = next(f for f in series_facts(engine, study_id) if f.series_instance_uid == "1.2.3")
+    server = RedisServer().start()
+    app = create_app(settings, server.url)
+    try:
+        Dispatcher(settings, engine, lambda *m: send_item(app, *m)).on_study_lull(study_id)
+        client = redis.Redis.from_url(server.url)
+        waiting = {key: client.lrange(key, 0, -1) for key in queue_keys("infer")}
+        step = Priority.STAT.celery_priority
+        stat_list = "infer" if step == 0 else f"infer{PRIORITY_SEP}{step}"
+        assert {k for k, v in waiting.items() if v} == {stat_list}
+        (raw,) = waiting[stat_list]
+        message = json.loads(raw)
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        assert (message["headers"]["task"], args) == ("pacs_ai.prepare", [axial.series_id])
+        assert client.llen("send") == 0
+        assert jobs.job_rows(engine) == [] and jobs.delivery_rows(engine) == []  # only a guess
+    finally:
+        app.close()
+        server.stop()
+
+    # No broker at all: the guess is dropped, nothing raises into the assembler.
+    down = create_app(settings, f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        Dispatcher(settings, engine, lambda *m: send_item(down, *m)).on_study_lull(study_id)
+    finally:
+        down.close()
+
+
+def test_a_restart_sends_again_what_the_last_run_had_enqueued(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A message enqueued before the node stopped may have died with the worker that held it
+    (the broker keeps it unacknowledged for hours). The restarted node's reconciler sends
+    every QUEUED job and PENDING delivery again at once, not after the requeue window;
+    through a real Redis, read back from the lists Celery's worker takes them from."""
+    import threading
+    import time
+
+    from pacs_ai.config import load_settings
+    from pacs_ai.pipeline.dispatch import Dispatcher
+    from pacs_ai.pipeline.queues import create_app, send_item
+    from tests.peers import RedisServer, wait_for
+
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        "[worker]\nreconcile_interval_s = 0.2\n"
+        '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+    )
+    settings = load_settings(config)
+    rules = (*DEFAULT_RULES, RuleSettings(name="fwd", forward=("pacs",)))
+    study_id = study_with_series(engine)
+    facts = series_facts(engine, study_id)
+    specs, forwards = jobs.plan(evaluate(rules, facts), facts, rules, study_id, "PACS", 1, [PACS])
+    now = time.time()
+    created, (delivery_id,) = jobs.create(engine, specs, forwards[:1], 2, 3, now)
+    ((job_id, _),) = created
+    # The last run enqueued both; their messages went down with it.
+    jobs.mark_enqueued(engine, [job_id], now)
+    jobs.mark_delivery_scheduled(engine, delivery_id, now + settings.worker.requeue_after_s)
+    redo = jobs.reconcile(engine, now + 1, settings.worker.requeue_after_s)
+    assert redo == jobs.Redo([], [])  # left to the requeue window by an ordinary pass
+
+    server = RedisServer().start()
+    app = create_app(settings, server.url)
+    stop = threading.Event()
+    dispatcher = Dispatcher(settings, engine, lambda *m: send_item(app, *m))
+    reconciler = threading.Thread(target=dispatcher.run_reconciler, args=(stop,))
+    reconciler.start()
+    try:
+        wait_for(lambda: len(server.queued()) == 2, 10, "both sent again")
+        sent = {(task, item, queue) for task, item, queue, _ in server.queued()}
+        assert sent == {("pacs_ai.infer", job_id, "infer"), ("pacs_ai.send", delivery_id, "send")}
+        time.sleep(1.0)  # five more passes: what was just sent waits out its window again
+        assert len(server.queued()) == 2
+    finally:
+        stop.set()
+        reconciler.join()
+        app.close()
+        server.stop()

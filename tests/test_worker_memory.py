@@ -3,10 +3,12 @@
 The effect is glibc's, so it is measured on real processes: a child allocates and frees a
 300 MB array and reports what stays resident. The wiring is checked on a real ``pacs-ai
 worker`` against a real Redis: its pool process, the one that runs jobs, has the settings.
+Last, Python's collector held off for the node's own stages (``collector_paused``).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_ai.pipeline.memory import THRESHOLDS, retain_freed_memory
+from pacs_ai.pipeline.memory import THRESHOLDS, collector_paused, retain_freed_memory
 from tests.peers import RedisServer, children, kill_tree, wait_for, without_node_settings
 
 # Allocates 300 MB, touches every page, frees it; prints the resident MB before and after.
@@ -130,3 +132,29 @@ def test_the_worker_pool_process_runs_with_the_setting(
     assert environment.get("PACS_AI_WORKER__QUEUES") is not None  # it is the worker's pool
     assert environment.get("MALLOC_TRIM_THRESHOLD_") == expected
     assert environment.get("MALLOC_MMAP_THRESHOLD_") == expected
+
+
+def test_the_collector_is_held_off_for_the_block_and_only_for_it() -> None:
+    assert gc.isenabled()
+    collections = gc.get_stats()[0]["collections"]
+    with collector_paused():
+        assert not gc.isenabled()
+        garbage = [[] for _ in range(50_000)]  # far past the first generation's threshold
+        del garbage
+        assert gc.get_stats()[0]["collections"] == collections
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a job that fails")
+    assert gc.isenabled()  # back on whatever the block did
+
+
+def test_a_collector_already_off_stays_off() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            with collector_paused():  # nested: the inner block must not switch it back on
+                pass
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

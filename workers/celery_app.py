@@ -7,8 +7,8 @@ so a worker on another machine needs only the same configuration file and broker
 from __future__ import annotations
 
 from pacs_ai.config import load_settings
-from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK, create_app
+from pacs_ai.pipeline.queues import INFER_TASK, PREPARE_TASK, SEND_TASK, create_app
 
-__all__ = ["INFER_TASK", "SEND_TASK", "app"]
+__all__ = ["INFER_TASK", "PREPARE_TASK", "SEND_TASK", "app"]
 
 app = create_app(load_settings())

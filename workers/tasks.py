@@ -26,7 +26,7 @@ from pacs_ai.pipeline.infer import (
 from pacs_ai.pipeline.node_client import RemoteLink
 from pacs_ai.pipeline.queues import send_item
 from pacs_ai.storage.db import open_database
-from workers.celery_app import INFER_TASK, SEND_TASK, app
+from workers.celery_app import INFER_TASK, PREPARE_TASK, SEND_TASK, app
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,13 @@ def _warm_up(**_: object) -> None:
 @app.task(name=INFER_TASK)  # type: ignore[untyped-decorator]
 def infer(job_id: int) -> str:
     return run_job(context(), job_id)
+
+
+@app.task(name=PREPARE_TASK)  # type: ignore[untyped-decorator]
+def prepare(series_id: int) -> str:
+    prepared = context().prepared
+    # None: prepare_mb = 0, or a remote worker, which gets a series only with a job it holds.
+    return "OFF" if prepared is None else prepared.prepare(series_id)
 
 
 @app.task(name=SEND_TASK)  # type: ignore[untyped-decorator]

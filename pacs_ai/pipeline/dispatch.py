@@ -20,8 +20,8 @@ from pacs_ai.config import Settings
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.assemble import StudyCompleted
 from pacs_ai.pipeline.facts import series_facts
-from pacs_ai.pipeline.queues import INFER_TASK, SEND_TASK
-from pacs_ai.pipeline.route import Priority, evaluate
+from pacs_ai.pipeline.queues import INFER_TASK, PREPARE_TASK, SEND_TASK
+from pacs_ai.pipeline.route import Priority, SeriesFacts, evaluate
 from pacs_ai.results.uids import MANUFACTURER
 from pacs_ai.storage import index
 from pacs_ai.worklist.priority import refresh as refresh_worklist
@@ -53,13 +53,44 @@ class Dispatcher:
         self.send_task = send_task
         self.clock = clock
 
-    def on_study_complete(self, done: StudyCompleted) -> None:
+    def _facts(self, study_id: int) -> list[SeriesFacts]:
         # Our own SEG and SR come back when a PACS forwards a study: never route them again.
-        facts = [
+        return [
             f
-            for f in series_facts(self.engine, done.study_id)
+            for f in series_facts(self.engine, study_id)
             if f.values.get("Manufacturer") != MANUFACTURER
         ]
+
+    def on_study_lull(self, study_id: int) -> None:
+        """A study has been quiet for a moment: have a worker read the series that the rules
+        would run models on now (:mod:`pacs_ai.pipeline.prepare`). A guess, and a cheap one:
+        nothing is recorded, and a lost message or a changed series costs only the time the
+        job then takes to read the series itself."""
+        facts = self._facts(study_id)
+        # The jobs the completion would plan now (destinations and forwards do not matter here).
+        specs, _ = jobs.plan(
+            evaluate(self.settings.rules, facts),
+            facts,
+            self.settings.rules,
+            study_id,
+            calling_ae="",
+            completion=0,
+            peers=self.settings.peers,
+        )
+        wanted: dict[int, int] = {}
+        for spec in specs:
+            # The most urgent job's priority: the reading runs just ahead of it on the queue.
+            priority = spec.priority.celery_priority
+            wanted[spec.series_id] = min(priority, wanted.get(spec.series_id, priority))
+        for series_id, priority in wanted.items():
+            try:
+                self.send_task(PREPARE_TASK, series_id, "infer", priority)
+            except Exception as exc:
+                logger.info("series %d not sent for preparation: %s", series_id, exc)
+                return
+
+    def on_study_complete(self, done: StudyCompleted) -> None:
+        facts = self._facts(done.study_id)
         decisions = evaluate(self.settings.rules, facts)
         if not decisions:
             logger.info("study %s: no rule matches; kept, nothing to run", done.study_instance_uid)
@@ -151,6 +182,18 @@ class Dispatcher:
         return redo
 
     def run_reconciler(self, stop: threading.Event) -> None:
+        try:
+            queued, pending = jobs.forget_enqueued(self.engine, self.clock())
+            if queued or pending:
+                logger.info(
+                    "reconciler: sending %d queued job(s) and %d pending delivery(ies) again "
+                    "(their messages may have died with the last run)",
+                    queued,
+                    pending,
+                )
+        except SQLAlchemyError as exc:
+            # Only a delay: the requeue window sends them again in the end.
+            logger.error("reconciler could not take up the last run's messages: %s", exc)
         while not stop.wait(self.settings.worker.reconcile_interval_s):
             try:
                 self.reconcile()

@@ -653,6 +653,30 @@ def release_cut_off_sends(engine: Engine, now: float, stale_after_s: float) -> i
     return int(released)
 
 
+def forget_enqueued(engine: Engine, now: float) -> tuple[int, int]:
+    """Make every QUEUED job and every PENDING delivery due now; return how many of each.
+
+    The node calls this when it starts. A message enqueued before it stopped may have died
+    with it: the broker keeps a message taken by a killed worker unacknowledged for its
+    visibility timeout (hours), and the reconciler would otherwise wait out the requeue window
+    (``requeue_after_s``) before sending it again. Sending again is harmless, since only one
+    claim of a job or a delivery succeeds. A delivery waiting out a backoff is tried once at
+    start as well: a restart is the usual sign that what failed has been seen to.
+    """
+    with engine.begin() as conn:
+        queued = conn.execute(
+            update(jobs)
+            .where(jobs.c.state == QUEUED, jobs.c.enqueued_at.is_not(None))
+            .values(enqueued_at=None)
+        ).rowcount
+        pending = conn.execute(
+            update(deliveries)
+            .where(deliveries.c.state == PENDING, deliveries.c.next_attempt_at > now)
+            .values(next_attempt_at=now)
+        ).rowcount
+    return int(queued), int(pending)
+
+
 def reconcile(
     engine: Engine, now: float, requeue_after_s: float, sending_stale_s: float | None = None
 ) -> Redo:

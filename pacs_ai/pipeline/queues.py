@@ -20,6 +20,9 @@ from pacs_ai.errors import ConfigError
 
 INFER_TASK = "pacs_ai.infer"
 SEND_TASK = "pacs_ai.send"
+# Read a series during its study's quiet period (pacs_ai.pipeline.prepare); on "infer", so
+# that the worker that will run the job reads it.
+PREPARE_TASK = "pacs_ai.prepare"
 QUEUES = ("infer", "send")
 # kombu's Redis transport keeps one list per priority step: "infer" for step 0 and
 # "infer<sep><step>" for the others (kombu.transport.redis.Channel._q_for_pri).
@@ -66,7 +69,11 @@ def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
         pacs_ai_device=settings.worker.device,
         # The two queues are created on first use (task_create_missing_queues): "infer" for
         # GPU workers, "send" for I/O, so a slow PACS never holds a GPU.
-        task_routes={INFER_TASK: {"queue": "infer"}, SEND_TASK: {"queue": "send"}},
+        task_routes={
+            INFER_TASK: {"queue": "infer"},
+            PREPARE_TASK: {"queue": "infer"},
+            SEND_TASK: {"queue": "send"},
+        },
         task_default_queue="infer",
         # CUDA must not be initialised in a forked parent: pool children are spawned.
         worker_pool_start_method="spawn",
