@@ -117,7 +117,7 @@ def test_a_node_audits_dicom_http_and_configuration(tmp_path: Path) -> None:
             kinds = {r["kind"] for r in _audit(node)}
             return {"instances-received", "association-refused"} <= kinds
 
-        wait_for(audited, 30, "the association's audit events")
+        wait_for(audited, 60, "the association's audit events")
         trail = _audit(node)
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for row in trail:

@@ -36,7 +36,7 @@ def busy_node(node: NodeProcess, tmp_path: Path) -> NodeProcess:
     )
     sent = node.cli("send", str(tmp_path / "ct"), "--to", f"PACSAI@127.0.0.1:{node.port}")
     assert sent.returncode == 0, sent.stderr
-    wait_for(lambda: bool(node.cli_json("jobs", "list")), 30, "the rule's job")
+    wait_for(lambda: bool(node.cli_json("jobs", "list")), 60, "the rule's job")
     assert truth.study_instance_uid == node.studies()[0]["study_instance_uid"]
     return node
 

@@ -45,7 +45,7 @@ def test_orthanc_pushes_a_study_and_the_node_assembles_it(
         studies = node.studies()
         return len(studies) == 1 and studies[0]["state"] == "COMPLETE"
 
-    wait_for(complete, 30, "the study to complete")
+    wait_for(complete, 60, "the study to complete")
     (study,) = node.studies()
     assert study["study_instance_uid"] == chest_ct.study_instance_uid
     assert study["calling_ae"] == "ORTHANC"

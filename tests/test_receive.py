@@ -39,7 +39,7 @@ STORESCU_PROPOSAL = {
 
 
 def wait_complete(
-    node: NodeProcess, count: int = 1, timeout: float = 30
+    node: NodeProcess, count: int = 1, timeout: float = 60
 ) -> list[dict[str, object]]:
     found: list[dict[str, object]] = []
 

@@ -101,7 +101,7 @@ def test_stopping_or_killing_during_ingest_keeps_every_acknowledged_instance(
     again: list[Path] = []
     send_until_refused(node.port, rest, again, lock)
     assert len(again) == len(rest)
-    wait_for(lambda: node.studies()[0]["state"] == "COMPLETE", 30, "completion")
+    wait_for(lambda: node.studies()[0]["state"] == "COMPLETE", 60, "completion")
     (study,) = node.studies()
     assert study["instance_count"] == len(files)
 
