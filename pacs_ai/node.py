@@ -8,12 +8,12 @@ pynetdicom process is bound by the GIL well below what a PACS can push.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import logging
 import multiprocessing
 import multiprocessing.queues
-import multiprocessing.synchronize
 import os
 import signal
 import threading
@@ -107,17 +107,20 @@ def _check_models(settings: Settings, with_preload: bool, source: str) -> None:
     check_installed(settings.models.paths, wanted, source)
 
 
+# How often a receiver looks at the stop flag: the most a stop waits before draining begins.
+STOP_POLL_S = 0.2
+
+
 def _receiver_process(
     settings: Settings,
     sockets: ListeningSockets,
     slot: int,
     node: int,
-    stop: multiprocessing.synchronize.Event,
+    stop: ctypes.c_bool,
     started: multiprocessing.queues.SimpleQueue[str],
 ) -> None:
     configure_process(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    # A flag, not stop.set(): the handler may run while this thread holds stop's lock.
     terminated: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
     try:
@@ -130,7 +133,8 @@ def _receiver_process(
     # Before saying so: a collection holds the GIL, and the listener must answer at once.
     settle_heap()
     started.put("")
-    while not stop.wait(1.0) and not terminated:
+    while not stop.value and not terminated:
+        time.sleep(STOP_POLL_S)
         # A node killed outright (OOM killer, SIGKILL) runs no handler. Left running, its
         # receivers would hold the port, so the node could not be restarted on it.
         if os.getppid() != node:
@@ -157,7 +161,10 @@ class ReceiverPool:
         self.settings = settings
         self.ctx = multiprocessing.get_context("spawn")
         self.sockets = open_listening_sockets(settings, self.ctx.Array("i", count, lock=False))
-        self.stop_event = self.ctx.Event()
+        # A flag in shared memory, with no lock: a multiprocessing Event would hang the node's
+        # stop for ever once a receiver had been killed while waiting on it (its Condition
+        # waits in notify for every waiter it counted to wake, the dead one included).
+        self.stop_flag: ctypes.c_bool = self.ctx.RawValue(ctypes.c_bool, False)
         self.started: multiprocessing.queues.SimpleQueue[str] = self.ctx.SimpleQueue()
         self.processes = [self._spawn(i) for i in range(count)]
         self._wait_started(count)
@@ -165,7 +172,7 @@ class ReceiverPool:
     def _spawn(self, i: int) -> multiprocessing.process.BaseProcess:
         process = self.ctx.Process(
             target=_receiver_process,
-            args=(self.settings, self.sockets, i, os.getpid(), self.stop_event, self.started),
+            args=(self.settings, self.sockets, i, os.getpid(), self.stop_flag, self.started),
             name=f"receiver-{i}",
             daemon=True,
         )
@@ -198,7 +205,7 @@ class ReceiverPool:
                 self._wait_started(1)
 
     def stop(self) -> None:
-        self.stop_event.set()
+        self.stop_flag.value = True
         # The port closes once the last receiver stops accepting.
         self.sockets.close()
         for process in self.processes:

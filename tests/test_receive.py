@@ -227,6 +227,10 @@ def test_a_receiver_that_dies_is_replaced_and_shares_the_work_again(
     )
     (study,) = wait_complete(node)
     assert study["instance_count"] == 20
+    # And it still stops by itself on SIGTERM: nothing waits for the receiver that was killed
+    # (a multiprocessing Event it had been waiting on hung the stop until the node was killed).
+    assert node.stop(timeout=60) == 0
+    assert b"pacs-ai stopped" in node.log.read_bytes()
 
 
 def _assert_split_evenly(node: NodeProcess, receivers: list[int]) -> None:
