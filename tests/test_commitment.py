@@ -24,7 +24,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import Engine, select
 
 from pacs_ai.config import NodeSettings, PeerSettings, Settings, StorageSettings, load_settings
@@ -364,9 +366,16 @@ class SameAssociationScp:
         self.ae = AE(ae_title="SAMEPACS")
         self.ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL)
         self.threads: list[threading.Thread] = []
+        self.answering = False  # the N-ACTION response is encoded, its P-DATA on the way
+        self.answered = threading.Event()  # and on the wire
+        self.report_status = -1  # the requester's answer to the report; -1: none came
 
     def __enter__(self) -> SameAssociationScp:
-        handlers: list[Any] = [(evt.EVT_N_ACTION, self._on_action)]
+        handlers: list[Any] = [
+            (evt.EVT_N_ACTION, self._on_action),
+            (evt.EVT_DIMSE_SENT, self._on_dimse_sent),
+            (evt.EVT_PDU_SENT, self._on_pdu_sent),
+        ]
         server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         assert server is not None
         self.server = server
@@ -376,6 +385,14 @@ class SameAssociationScp:
         for thread in self.threads:
             thread.join(10)
         self.server.shutdown()
+
+    def _on_dimse_sent(self, event: Any) -> None:
+        if isinstance(event.message, N_ACTION_RSP):
+            self.answering = True
+
+    def _on_pdu_sent(self, event: Any) -> None:
+        if self.answering and isinstance(event.pdu, P_DATA_TF):
+            self.answered.set()
 
     def _on_action(self, event: Any) -> tuple[int, None]:
         info = event.action_information
@@ -388,11 +405,15 @@ class SameAssociationScp:
         report = commitment.event_information(str(info.TransactionUID), ok, failed)
         assoc = event.assoc
 
-        def send() -> None:  # after the N-ACTION response, which returning sends
-            assoc.send_n_event_report(
+        def send() -> None:
+            # After the N-ACTION response (which returning sends) has gone, as the standard
+            # orders it: a report sent first would be taken by the requester as its answer.
+            self.answered.wait(10)
+            status, _ = assoc.send_n_event_report(
                 report, 2 if failed else 1, STORAGE_COMMITMENT_PUSH_MODEL,
                 commitment.STORAGE_COMMITMENT_INSTANCE,
             )  # fmt: skip
+            self.report_status = int(status.get("Status", -1))
 
         self.threads.append(threading.Thread(target=send))
         self.threads[-1].start()
@@ -410,6 +431,9 @@ def test_a_report_on_the_request_association_is_recorded() -> None:
         commitment.request(peer, "PACSAI", "2.25.42", [A, B], got.append, timeout_s=10)
         # The wait ends when the report comes, not after commitment_wait_s.
         assert time.monotonic() - started < 10
+    # The report was answered before the requester released (it once released first, and
+    # both sides then waited out their timeouts).
+    assert scp.report_status == 0x0000
     (report,) = got
     assert report == commitment.Report("2.25.42", 2, (A,), ((B, 0x0110),))
 

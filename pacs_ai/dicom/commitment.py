@@ -23,6 +23,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
+from pynetdicom.pdu import P_DATA_TF
 
 from pacs_ai.config import PeerSettings
 from pacs_ai.dicom.contexts import COMMITMENT_TRANSFER_SYNTAXES, STORAGE_COMMITMENT_PUSH_MODEL
@@ -254,15 +256,27 @@ def request(
     info = action_information(transaction_uid, refs)
     ae = _make_ae(calling_ae, timeout_s)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL, list(COMMITMENT_TRANSFER_SYNTAXES))
+    # Set once our answer to a report is on the wire, not when the report comes: the answer
+    # is sent after the handler returns, and a release queued before it would leave the peer
+    # waiting for it (and us for the release) until a timeout.
     reported = threading.Event()
+    answering = threading.Event()
 
     def on_report(event: Any) -> tuple[int, Dataset | None]:
-        answer = handle_event_report(event, sink)
-        reported.set()
-        return answer
+        return handle_event_report(event, sink)
+
+    def on_dimse_sent(event: Any) -> None:
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            answering.set()
+
+    def on_pdu_sent(event: Any) -> None:
+        if answering.is_set() and isinstance(event.pdu, P_DATA_TF):
+            reported.set()
 
     assoc = _associate(ae, peer, tls=tls)
     assoc.bind(evt.EVT_N_EVENT_REPORT, on_report)
+    assoc.bind(evt.EVT_DIMSE_SENT, on_dimse_sent)
+    assoc.bind(evt.EVT_PDU_SENT, on_pdu_sent)
     try:
         try:
             status, _ = assoc.send_n_action(
