@@ -37,8 +37,12 @@ typecheck: install
 unit: install
 	$(PY) -m pytest -m "not slow"
 
+# Two pytest-xdist workers, a test file each at a time (a file's module fixtures are made
+# once), the files with the most slow tests first (tests/conftest.py): most of a test's time
+# is spent waiting on the processes it starts (nodes, workers, Orthanc), so two at once take
+# ~13 minutes where one after the other took ~20.
 test: install system-deps lint typecheck
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The whole suite again with every test's database on PostgreSQL (tests/databases.py); `make
 # test` covers PostgreSQL only in the tests marked postgres. Uses the server on 127.0.0.1:5432

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gc
+import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,13 @@ from tests.databases import (
 from tests.peers import DCMTK, ORTHANC, NodeProcess, OrthancProcess
 from tests.web import Remote, remote_node
 
+# pytest-xdist's workers start with COLUMNS=80 and LINES=24 from execnet; the CLI's consoles
+# take their width from COLUMNS when first imported, and every node and CLI a test starts
+# inherits them. Without xdist neither is set: remove both so a test sees the same either way.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
+
 REQUIRED_TOOLS = [DCMTK / "storescu", DCMTK / "echoscu", ORTHANC, DCMTK / "dciodvfy"]
 
 
@@ -32,6 +41,23 @@ def pytest_configure(config: pytest.Config) -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     if TEST_DATABASE not in MODES:
         raise pytest.UsageError(f"{MODE_ENV}={TEST_DATABASE!r}: expected one of {MODES}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the files with the most slow tests first.
+
+    ``make test`` hands whole files (``--dist loadfile``), in this order, to whichever of its
+    two workers is free (``--no-loadscope-reorder``; xdist's own order puts the files with
+    the most tests first, which left a long file of node and Orthanc tests for the end while
+    the other worker had nothing to do). The many quick files then fill in at the end. A run
+    without xdist keeps the files' usual order.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    collected = {path: n for n, path in enumerate(dict.fromkeys(item.path for item in items))}
+    # Stable: a file's tests stay together and in their order.
+    items.sort(key=lambda item: (-slow[item.path], collected[item.path]))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
