@@ -31,9 +31,9 @@ on this machine: the transfers alone, as a share of transfers plus inference. dc
 run to ``storescu``'s exit (association release included), the node's receive only to its
 last stored instance: if anything, the floors read a little high.
 
-The study is sent once the node's embedded worker has finished its warm-up, as in a node
-that runs before its studies arrive; a warm-up or a model load that a job still waits for
-counts as overhead.
+The study is sent once the node's embedded inference worker has finished its warm-up, as in
+a node that runs before its studies arrive; a warm-up or a model load that a job still waits
+for counts as overhead.
 
 ``--earlier N`` first sends N other studies of the same size, each waited for until its
 results are delivered, and measures the study after them: a node that has been running for

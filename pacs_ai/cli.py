@@ -89,7 +89,10 @@ def worker(
     config: ConfigOption = None,
     queues: Annotated[str | None, typer.Option(help="Comma-separated: infer, send.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Processes (one per GPU).")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, help="Processes (one per GPU); threads for --queues send alone."),
+    ] = None,
     node_url: Annotated[
         str | None,
         typer.Option(help="The node's HTTP URL, for a worker that shares no disk with it."),
@@ -122,8 +125,6 @@ def worker(
         os.environ["PACS_AI_WORKER__QUEUES"] = json.dumps([q.strip() for q in queues.split(",")])
     if device:
         os.environ["PACS_AI_WORKER__DEVICE"] = device
-    if concurrency:
-        os.environ["PACS_AI_WORKER__CONCURRENCY"] = str(concurrency)
     if node_url:
         os.environ["PACS_AI_WORKER__NODE_URL"] = node_url
     if preload:
@@ -132,6 +133,13 @@ def worker(
     unknown = set(settings.worker.queues) - {"infer", "send"}
     if unknown:
         _fail(f"unknown queue(s) {sorted(unknown)}; use infer and/or send", 2)
+    # Deliveries wait on the network, not the CPU: a send-only worker runs them in threads of
+    # one process. Anything that infers gets spawned pool processes (CUDA, time limits).
+    send_only = settings.worker.queues == ("send",)
+    key = "SEND_CONCURRENCY" if send_only else "CONCURRENCY"
+    if concurrency:
+        os.environ[f"PACS_AI_WORKER__{key}"] = str(concurrency)
+        settings = _settings(None)
     if preload and "infer" not in settings.worker.queues:
         # A preload in the file is shared by every worker that reads it; on the command line
         # it is asked of this one, which would load nothing.
@@ -153,15 +161,23 @@ def worker(
         retain_freed_memory(os.environ, settings.worker.retain_memory_mb)
     from workers.celery_app import app as celery_app
 
+    pool = "threads" if send_only else "prefork"
+    size = settings.worker.send_concurrency if send_only else settings.worker.concurrency
+    import logging
+
+    logging.getLogger(__name__).info(
+        "worker: queues %s, %s pool of %d", ",".join(settings.worker.queues), pool, size
+    )
+
     celery_app.worker_main(
         [
             "worker",
             "--queues",
             ",".join(settings.worker.queues),
             "--concurrency",
-            str(settings.worker.concurrency),
+            str(size),
             "--pool",
-            "prefork",
+            pool,
             "--hostname",
             f"pacs-ai-{os.getpid()}@{socket.gethostname()}",
             "--loglevel",

@@ -181,10 +181,15 @@ class BrokerSettings(_Section):
 class WorkerSettings(_Section):
     """``[worker]``: inference workers (Celery), in the node or on other machines."""
 
-    # pacs-ai serve starts one worker process of its own (the embedded default).
+    # pacs-ai serve starts worker processes of its own (the embedded default): one for the
+    # infer queue and one for the send queue, when both are listed.
     embedded: bool = True
     queues: tuple[str, ...] = ("infer", "send")
     concurrency: int = Field(1, ge=1, le=64)
+    # A worker of the send queue alone (the node's own, beside its inference worker) runs its
+    # deliveries in threads: this many at once, so a PACS that stalls until its timeout holds
+    # one of them, not the results for every other destination.
+    send_concurrency: int = Field(4, ge=1, le=64)
     # "auto": cuda:0 when a GPU is present, else cpu.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     max_attempts: int = Field(3, ge=1, le=20)
@@ -246,8 +251,14 @@ class DeliverySettings(_Section):
     """``[delivery]``: sending results and forwards to peers."""
 
     max_attempts: int = Field(6, ge=1, le=50)
-    # First retry after this long, doubling each time (5, 10, 20, 40 ... seconds).
+    # First retry after this long, doubling each time (5, 10, 20, 40 ... seconds), and never
+    # more than backoff_max_s apart.
     backoff_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(3600.0, gt=0)
+    # Deliveries in flight to one peer at once, across all workers. A peer that accepts the
+    # connection and never answers holds this many senders until timeout_s, and the rest
+    # serve the other destinations; many PACS also limit associations per calling AE.
+    max_per_peer: int = Field(2, ge=1, le=64)
     timeout_s: float = Field(60.0, gt=0)
 
 

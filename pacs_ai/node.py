@@ -97,14 +97,16 @@ def _check_port_free(settings: Settings) -> None:
 
 def _check_models(settings: Settings, with_preload: bool, source: str) -> None:
     """Refuse to start when a rule, or the embedded worker's preload, names a model that is not
-    installed: the embedded worker would refuse its preload too, and the node would run on
-    without inference."""
-    from pacs_ai.models.registry import check_installed, preload_wanted
+    installed, or a preload needs CUDA on a CPU: the embedded worker would refuse its preload
+    too, and the node would run on without inference."""
+    from pacs_ai.models.registry import check_installed, check_preload_device, preload_wanted
 
     wanted = [(f"rules.{rule.name}", model) for rule in settings.rules for model in rule.models]
     if with_preload:
         wanted += preload_wanted(settings)
     check_installed(settings.models.paths, wanted, source)
+    if with_preload:
+        check_preload_device(settings, source)
 
 
 # How often a receiver looks at the stop flag: the most a stop waits before draining begins.

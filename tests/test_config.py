@@ -198,3 +198,16 @@ def test_a_preload_naming_a_missing_model_never_starts_the_node(tmp_path: Path) 
     assert result.returncode == 2
     assert "worker.preload: model 'no-such-model' is not installed" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_config_errors_print_table_names_as_written(tmp_path: Path) -> None:
+    # The console must not take "[[peers]]" or "[worker]" in a message for markup and drop it.
+    text = (
+        '[[peers]]\nname = "modality"\nae_title = "CT1"\nhost = "127.0.0.1"\nreceive = false\n'
+        '[[rules]]\nname = "back"\nmodels = ["ct-organs-threshold"]\nresults_to = ["modality"]\n'
+    )
+    result = pacs_ai_cli("config", "check", "--config", str(write(tmp_path, text)))
+    assert result.returncode == 2
+    assert "sends to 'modality', which is not a [[peers]] entry with receive = true" in " ".join(
+        result.stderr.split()
+    )

@@ -3,14 +3,20 @@ that is down, which backs off, fails visibly, and never holds up the others."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from pacs_ai.config import Settings, load_settings
+from pacs_ai.config import PeerSettings, Settings, load_settings
+from pacs_ai.dicom import scu
 from pacs_ai.dicom.header import read_header
 from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.deliver import run_delivery
@@ -161,3 +167,71 @@ def test_a_forward_with_a_missing_file_fails_and_sends_nothing(
     assert "1 of 2 file(s) cannot be read, nothing sent" in row.last_error
     assert "2.dcm" in row.last_error
     assert orthanc.get("/instances") == []  # no partial forward
+
+
+def _nodelay_of_sockets_connected_to(port: int) -> list[int]:
+    """TCP_NODELAY, read with getsockopt, of each socket of this process connected to
+    127.0.0.1:``port``.
+
+    Found through /proc/self/fd rather than through pynetdicom's objects, so what is read is
+    the kernel's option on the very socket the SCU talks over: each socket fd is duplicated
+    (the duplicate shares the socket, and closing it leaves the original open).
+    """
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except OSError:
+            continue  # closed since it was listed (the listing's own fd, a finished thread)
+        with socket.socket(fileno=dup) as sock:
+            if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+                continue
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                continue  # a listening or unconnected socket
+            if peer == ("127.0.0.1", port):
+                found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    return found
+
+
+def test_the_store_scu_turns_nagle_off_on_its_association_socket() -> None:
+    """pynetdicom leaves Nagle on, and every small DIMSE message then waits for a delayed ACK
+    (~40 images/s instead of ~150 on loopback). Seen from inside a real peer while the SCU's
+    association is open: the socket the SCU sends over has TCP_NODELAY set, for C-STORE and
+    for C-ECHO; the peer's own socket (plain pynetdicom) shows the probe reads a real 0."""
+    port = free_port()
+    seen: list[tuple[str, list[int], int]] = []
+
+    def probe(event: Any, what: str) -> None:
+        own = event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        seen.append((what, _nodelay_of_sockets_connected_to(port), own))
+
+    def on_store(event: Any) -> int:
+        probe(event, "C-STORE")
+        return 0x0000
+
+    def on_echo(event: Any) -> int:
+        probe(event, "C-ECHO")
+        return 0x0000
+
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, on_echo)],
+    )
+    assert server is not None
+    try:
+        peer = PeerSettings(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+        report = scu.send(scu.scan([real_file("CT_small.dcm")], scu.SendReport()), peer, "NODE")
+        assert report.ok and report.sent == 1
+        assert scu.echo(peer, "NODE") == 0x0000
+    finally:
+        server.shutdown()
+    # One SCU socket to the peer each time, Nagle off on it; pynetdicom's own left on.
+    assert seen == [("C-STORE", [1], 0), ("C-ECHO", [1], 0)]

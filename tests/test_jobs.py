@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import Engine
 
-from pacs_ai.config import PeerSettings
+from pacs_ai.config import PeerSettings, load_settings
 from pacs_ai.dicom.header import read_header
 from pacs_ai.pipeline import jobs
+from pacs_ai.pipeline.deliver import run_delivery
 from pacs_ai.pipeline.facts import series_facts
+from pacs_ai.pipeline.infer import ModelCache, WorkerContext
 from pacs_ai.pipeline.route import DEFAULT_RULES, Priority, RuleSettings, evaluate
 from pacs_ai.storage import index
 from pacs_ai.storage.recorder import InstanceRecorder
+from tests.ports import free_port
 from tests.realdata import real_file
 
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
@@ -173,6 +177,86 @@ def test_delivery_backs_off_then_fails_visibly_and_can_be_retried(engine: Engine
     assert (row.state, row.last_error, row.attempts) == ("FAILED", "peer still down", 2)
     assert jobs.retry_delivery(engine, delivery_id, now=30.0)
     assert delivery_id in jobs.reconcile(engine, now=30.0, requeue_after_s=600).deliveries
+
+
+def test_a_failing_delivery_backs_off_doubling_until_its_last_attempt(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The whole retry schedule, through the worker's own send path to a real peer that is
+    down (a loopback port nothing listens on): each retry waits backoff_s * 2 ** (n - 1)
+    after attempt n, at most [delivery] backoff_max_s, and after [delivery] max_attempts the
+    delivery is FAILED with the attempt count and the reason, and never tried again."""
+    backoff_s, backoff_max_s, attempts = 3.0, 20.0, 6
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
+        f"[delivery]\nmax_attempts = {attempts}\nbackoff_s = {backoff_s}\ntimeout_s = 5\n"
+        f"backoff_max_s = {backoff_max_s}\n"
+        f'[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {free_port()}\n"
+    )
+    settings = load_settings(config)
+    clock = [1000.0]
+    ctx = WorkerContext(
+        settings, engine, ModelCache("cpu"), lambda _: None, lambda *_: None, lambda: clock[0]
+    )
+    # A real result file, so that each attempt fails at the association, not at reading it.
+    result = settings.node.data_dir / "results" / "1" / "SR.dcm"
+    result.parent.mkdir(parents=True)
+    shutil.copy(real_file("test-SR.dcm"), result)
+    (job_id,) = make_jobs(engine)
+    job = jobs.claim(engine, job_id, "w", 60, now=11.0)
+    assert job is not None and job.destinations == ("pacs",)
+    (delivery_id,) = jobs.encoded(
+        engine,
+        job_id,
+        [jobs.Output("SR", "results/1/SR.dcm", "2.25.9")],
+        job.destinations,
+        {},
+        "{}",
+        job.study_id,
+        settings.delivery.max_attempts,
+        now=12.0,
+    )
+
+    delays: list[float] = []
+    for attempt in range(1, attempts + 1):
+        assert delivery_id in jobs.reconcile(engine, clock[0], requeue_after_s=600).deliveries
+        outcome = run_delivery(ctx, delivery_id)
+        row = jobs.delivery_row(engine, delivery_id)
+        assert row is not None and row.attempts == attempt
+        assert "no association with PACS@127.0.0.1" in row.last_error
+        if attempt == attempts:
+            break
+        assert (outcome, row.state) == ("PENDING", "PENDING")
+        delay = row.next_attempt_at - clock[0]
+        delays.append(delay)
+        # Not due a moment before its backoff has passed.
+        early = clock[0] + delay - 0.01
+        assert delivery_id not in jobs.reconcile(engine, early, requeue_after_s=600).deliveries
+        clock[0] += delay
+    assert delays == [min(backoff_s * 2 ** (n - 1), backoff_max_s) for n in range(1, attempts)]
+    assert delays == [3.0, 6.0, 12.0, 20.0, 20.0]  # the same, spelled out: doubling to the cap
+
+    # The last attempt: FAILED, with its count and reason kept, no next attempt.
+    assert outcome == "FAILED"
+    row = jobs.delivery_row(engine, delivery_id)
+    assert row is not None
+    assert (row.state, row.attempts, row.next_attempt_at) == ("FAILED", attempts, None)
+    assert row.last_error.startswith("no association with PACS@127.0.0.1")
+    (job_row,) = jobs.job_rows(engine)
+    assert job_row.state == "ENCODED"  # never DELIVERED while its one delivery failed
+    # Never tried again: not due however long one waits, and a stray message claims nothing.
+    far = clock[0] + 10 * 365 * 86400
+    assert delivery_id not in jobs.reconcile(engine, far, requeue_after_s=600).deliveries
+    clock[0] = far
+    assert run_delivery(ctx, delivery_id) == "NOT_CLAIMED"
+    after = jobs.delivery_row(engine, delivery_id)
+    assert after is not None and (after.state, after.attempts, after.last_error) == (
+        "FAILED",
+        attempts,
+        row.last_error,
+    )
 
 
 def test_lost_queue_messages_are_sent_again(engine: Engine) -> None:
@@ -419,3 +503,63 @@ def test_a_restart_sends_again_what_the_last_run_had_enqueued(
         reconciler.join()
         app.close()
         server.stop()
+
+
+def test_a_peer_gets_at_most_per_peer_deliveries_in_flight(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    job = jobs.claim(engine, job_id, "w", 60, now=11.0)
+    assert job is not None
+    outputs = [jobs.Output("SR", f"r/SR{n}.dcm", f"2.25.{n}") for n in (1, 2, 3)]
+    jobs.encoded(engine, job_id, outputs, ("a", "b"), {}, "{}", job.study_id, 3, now=12.0)
+    by_peer: dict[str, list[int]] = {}
+    for row in sorted(jobs.delivery_rows(engine), key=lambda r: r.id):
+        by_peer.setdefault(row.peer, []).append(row.id)
+    a1, a2, a3 = by_peer["a"]
+
+    first = jobs.claim_delivery(engine, a1, now=20.0, per_peer=2)
+    second = jobs.claim_delivery(engine, a2, now=20.0, per_peer=2)
+    assert isinstance(first, jobs.ClaimedDelivery) and isinstance(second, jobs.ClaimedDelivery)
+    # The third to the same peer waits, uncounted, and is due again at the next pass.
+    assert jobs.claim_delivery(engine, a3, now=20.0, per_peer=2) == jobs.PEER_BUSY
+    row = jobs.delivery_row(engine, a3)
+    assert row is not None
+    assert (row.state, row.attempts) == ("PENDING", 0)
+    assert row.next_attempt_at == 20.0 + jobs.PEER_BUSY_RETRY_S
+    assert a3 not in jobs.reconcile(engine, now=20.5, requeue_after_s=600).deliveries
+    assert a3 in jobs.reconcile(engine, now=21.0, requeue_after_s=600).deliveries
+    # Another peer is not held by it.
+    for b in by_peer["b"][:2]:
+        assert isinstance(
+            jobs.claim_delivery(engine, b, now=20.0, per_peer=2), jobs.ClaimedDelivery
+        )
+    # One done, one slot free; without a limit, nothing is put off.
+    jobs.delivered(engine, first, now=21.0)
+    assert isinstance(jobs.claim_delivery(engine, a3, now=21.0, per_peer=2), jobs.ClaimedDelivery)
+    b3 = by_peer["b"][2]
+    assert jobs.claim_delivery(engine, b3, now=21.0, per_peer=2) == jobs.PEER_BUSY
+    assert isinstance(jobs.claim_delivery(engine, b3, now=21.0), jobs.ClaimedDelivery)
+
+
+def test_a_cut_off_attempt_does_not_record_over_the_next_one(engine: Engine) -> None:
+    (job_id,) = make_jobs(engine)
+    job = jobs.claim(engine, job_id, "w", 60, now=11.0)
+    assert job is not None
+    (delivery_id,) = jobs.encoded(
+        engine, job_id, [jobs.Output("SR", "r/SR.dcm", "2.25.9")], job.destinations, {}, "{}",
+        job.study_id, 5, now=12.0,
+    )  # fmt: skip
+    slow = jobs.claim_delivery(engine, delivery_id, now=20.0)
+    assert isinstance(slow, jobs.ClaimedDelivery)
+    # Still sending long after: taken for cut off, and claimed again by another sender.
+    assert jobs.release_cut_off_sends(engine, now=500.0, stale_after_s=240) == 1
+    again = jobs.claim_delivery(engine, delivery_id, now=500.0)
+    assert isinstance(again, jobs.ClaimedDelivery) and again.attempt == slow.attempt + 1
+    # The first attempt ends late: what it says is not the delivery's state any more.
+    jobs.delivered(engine, slow, now=501.0)
+    assert jobs.delivery_failed(engine, slow, "late failure", now=501.0, backoff_s=5) == 5
+    row = jobs.delivery_row(engine, delivery_id)
+    assert row is not None and (row.state, row.attempts) == ("SENDING", 2)
+    assert "late failure" not in row.last_error
+    jobs.delivered(engine, again, now=502.0)
+    row = jobs.delivery_row(engine, delivery_id)
+    assert row is not None and row.state == "DONE"

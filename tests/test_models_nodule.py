@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,66 @@ def test_runs_on_cuda_with_bf16() -> None:
     # bf16 moves the probabilities a little; the masks and findings must still hold.
     assert dice(prediction.labelmap == NODULE, phantom.mask == 1) >= 0.8
     check_findings(phantom, prediction)
+
+
+@pytest.mark.slow
+def test_the_training_command_writes_weights_that_load_and_run(tmp_path: Path) -> None:
+    """``make train-nodules``'s command, as a user runs it, for two steps into a path of its
+    own: the shipped weights stay as they are. Not Dice (two steps learn next to nothing):
+    the checkpoint must be the trained network, and the model must load and run it."""
+    import torch
+
+    from pacs_ai.models.nodules import BASE_CHANNELS
+    from pacs_ai.models.nodules.unet import UNet3D
+
+    shipped = WEIGHTS_DIR.joinpath(WEIGHTS)
+    shipped_before = shipped.read_bytes()
+    out = tmp_path / "retrained" / "nodules.pt"
+    seed = 7
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pacs_ai.models.nodules.train",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch",
+            "1",
+            "--seed",
+            str(seed),
+        ],
+        # Not the checkout: a default --out, relative to it, would be the shipped weights.
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"wrote {out} and {out.with_suffix('.json')}" in done.stdout, done.stdout
+    assert shipped.read_bytes() == shipped_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retrained"]  # nothing else written
+
+    metadata = json.loads(out.with_suffix(".json").read_text())
+    assert (metadata["steps"], metadata["batch"], metadata["training_seed"]) == (2, 1, seed)
+    trained = torch.load(out, weights_only=True)
+    with resources.as_file(shipped) as path:
+        reference = torch.load(path, weights_only=True)
+    assert trained.keys() == reference.keys()
+    assert all(trained[k].shape == reference[k].shape for k in trained)
+    assert any(not torch.equal(trained[k], reference[k]) for k in trained)
+    # The network the script starts from (same seed, same construction): two Adam steps move
+    # every weight a little, far less than two random initialisations differ.
+    torch.manual_seed(seed)
+    initial = dict(UNet3D(BASE_CHANNELS).named_parameters())
+    moved = [float((trained[k] - v.detach()).abs().max()) for k, v in initial.items()]
+    assert 0.0 < max(moved) < 0.05, moved
+
+    model = LungNoduleDemo(weights=out)
+    model.load("cpu")
+    phantom = chest_phantom(10_070, shape=(16, 32, 32), nodules=1)
+    prediction = model.predict(as_volume(phantom))
+    assert prediction.labelmap.shape == phantom.mask.shape
+    assert prediction.labelmap.dtype == np.uint8
+    assert set(np.unique(prediction.labelmap)) <= {0, NODULE}

@@ -172,31 +172,35 @@ def test_status_lists_workers_and_flags_a_queue_nobody_consumes(
 
 
 @pytest.mark.slow
-def test_remote_status_shows_the_nodes_embedded_broker_and_worker(tmp_path: Path) -> None:
+def test_remote_status_shows_the_nodes_embedded_broker_and_workers(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "node", ai_worker=True).start()
     try:
         # The CLI on the node's host finds the embedded broker from the data dir alone.
         url = node_broker_url(load_settings(node.config))
         assert url.startswith("redis+socket://")
-        wait_for(lambda: len(answering(url)) == 1, 60, "the embedded worker answering")
+        wait_for(lambda: len(answering(url)) == 2, 60, "the embedded workers answering")
         token = node.token("admin")
         remote = once_listed(
             lambda: node.cli_json("status", "--url", node.url, "--token", token),
-            lambda s: len(s["workers"]) == 1,
+            lambda s: len(s["workers"]) == 2,
         )
         admin = LocalAdmin(load_settings(node.config))
         try:
             # What `pacs-ai status` on the node's host prints.
-            local = once_listed(admin.status, lambda s: len(s["workers"]) == 1)
+            local = once_listed(admin.status, lambda s: len(s["workers"]) == 2)
         finally:
             admin.close()
         for status in (remote, local):
             assert status["broker"] == {"url": url, "reachable": True, "error": None}
             assert status["queues"] == {"infer": 0, "send": 0}
             assert status["queues_without_worker"] == []
-            (worker,) = status["workers"]
-            assert worker["queues"] == ["infer", "send"] and worker["device"] == "auto"
-        assert remote["workers"][0]["name"] == local["workers"][0]["name"]
+            # One process infers, one delivers, in threads: neither waits behind the other.
+            by_queues = {tuple(w["queues"]): w for w in status["workers"]}
+            assert set(by_queues) == {("infer",), ("send",)}
+            assert by_queues[("infer",)]["device"] == "auto"
+            assert by_queues[("infer",)]["concurrency"] == 1
+            assert by_queues[("send",)]["concurrency"] == 4  # [worker] send_concurrency
+        assert {w["name"] for w in remote["workers"]} == {w["name"] for w in local["workers"]}
     finally:
         node.stop()
 

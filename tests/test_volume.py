@@ -179,6 +179,41 @@ def test_non_square_pixels(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("thickness_mm", "step_mm"),
+    [(5.0, 2.5), (1.0, 3.0)],
+    ids=["5mm-slices-every-2.5mm-overlapping", "1mm-slices-every-3mm"],
+)
+def test_slice_spacing_is_the_position_step_not_the_slice_thickness(
+    axial: Volume, series: list[Dataset], thickness_mm: float, step_mm: float
+) -> None:
+    # SliceThickness is how thick a slab each image integrates; the grid is where the images
+    # lie. Move the slices to step_mm apart (same pixels, same order along z; SliceLocation
+    # kept consistent) and give them a SliceThickness that disagrees with that step.
+    z_first = float(axial.affine[2, 3])
+    position = {uid: k for k, uid in enumerate(axial.sop_instance_uids)}
+    for ds in series:
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        k = position[str(ds.SOPInstanceUID)]
+        ds.ImagePositionPatient = _ds(np.array([x, y, z_first + k * step_mm]))
+        ds.SliceLocation = f"{z_first + k * step_mm:.6f}"
+        ds.SliceThickness = thickness_mm
+    random.Random(13).shuffle(series)
+    volume = build_volume(series)
+    assert volume.spacing == pytest.approx((step_mm, 4.0, 4.0))
+    assert volume.voxel_volume_ml == pytest.approx(step_mm * 16.0 / 1000)
+    np.testing.assert_allclose(volume.affine[:3, 0], [0, 0, step_mm])
+    np.testing.assert_allclose(volume.affine[:3, 1:], axial.affine[:3, 1:])  # in-plane, origin
+    np.testing.assert_array_equal(volume.voxels, axial.voxels)
+    assert volume.sop_instance_uids == axial.sop_instance_uids
+    _assert_affine_hits_every_slice(volume, series)
+    # The spine runs the whole series, so its centroid sits halfway along the new stack.
+    z_centre = z_first + (GEOMETRY.slices - 1) / 2 * step_mm
+    np.testing.assert_allclose(
+        _spine_centroid(volume), [0.0, 75.0, z_centre], atol=CENTROID_TOLERANCE_MM
+    )
+
+
 # ---- values ---------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pacs_ai.admin import broker_status
 from pacs_ai.pipeline.memory import THRESHOLDS, collector_paused, retain_freed_memory
 from tests.peers import RedisServer, children, kill_tree, wait_for, without_node_settings
 
@@ -122,7 +123,6 @@ def _command_line(pid: int) -> list[str]:
         ("infer", {}, str(2048 << 20)),
         ("infer", {"PACS_AI_WORKER__RETAIN_MEMORY_MB": "512"}, str(512 << 20)),
         ("infer", {"PACS_AI_WORKER__RETAIN_MEMORY_MB": "0"}, None),
-        ("send", {}, None),  # a delivery worker allocates nothing large
     ],
 )
 def test_the_worker_pool_process_runs_with_the_setting(
@@ -132,6 +132,40 @@ def test_the_worker_pool_process_runs_with_the_setting(
     assert environment.get("PACS_AI_WORKER__QUEUES") is not None  # it is the worker's pool
     assert environment.get("MALLOC_TRIM_THRESHOLD_") == expected
     assert environment.get("MALLOC_MMAP_THRESHOLD_") == expected
+
+
+@pytest.mark.slow
+def test_a_delivery_worker_runs_its_tasks_in_threads_of_one_process(tmp_path: Path) -> None:
+    # It allocates nothing large and waits on the network: no pool process, no thresholds.
+    redis = RedisServer(workdir=tmp_path / "redis").start()
+    try:
+        env = without_node_settings(
+            PACS_AI_BROKER__URL=redis.url, PACS_AI_NODE__DATA_DIR=str(tmp_path / "data")
+        )
+        for name in THRESHOLDS:
+            env.pop(name, None)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pacs_ai", "worker", "--queues", "send", "--concurrency", "3"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: bool(broker_status(redis.url)["workers"]), 60, "the worker answering")
+            (answer,) = broker_status(redis.url)["workers"]
+            assert answer["queues"] == ["send"]
+            assert answer["concurrency"] == 3  # --concurrency: threads, for a send-only worker
+            assert _pool(worker.pid) == []
+            own = Path(f"/proc/{worker.pid}/environ").read_bytes().decode()
+            assert not any(name in own for name in THRESHOLDS)
+        finally:
+            kill_tree(worker.pid)
+            worker.wait(30)
+    finally:
+        redis.stop()
 
 
 def test_the_collector_is_held_off_for_the_block_and_only_for_it() -> None:

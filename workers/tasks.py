@@ -7,9 +7,10 @@ Each worker process builds one :class:`~pacs_ai.pipeline.infer.WorkerContext` on
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cache
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from pacs_ai.models.registry import register_dirs
 from pacs_ai.pipeline import warmup
@@ -35,13 +36,24 @@ def _send(task: str, item_id: int, queue: str, priority: int) -> None:
     send_item(app, task, item_id, queue, priority)
 
 
-@cache
+_context_lock = threading.Lock()
+
+
 def context() -> WorkerContext | RemoteWorkerContext:
+    # A send-only worker runs its tasks in threads: the first ones may ask at the same time.
+    with _context_lock:
+        return _build_context()
+
+
+@cache
+def _build_context() -> WorkerContext | RemoteWorkerContext:
     from pacs_ai.config import load_settings
 
     settings = load_settings()
     register_dirs(settings.models.paths)
-    device = resolve_device(settings.worker.device)
+    # A worker that only delivers runs no model: asking torch for a GPU would import it.
+    infers = "infer" in settings.worker.queues
+    device = resolve_device(settings.worker.device) if infers else settings.worker.device
     if settings.worker.node_url:
         # A worker on another machine: no database, no spool, only the node's HTTP API.
         logger.info("worker context: device %s, node %s", device, settings.worker.node_url)
@@ -70,6 +82,17 @@ def _warm_up(**_: object) -> None:
     # first-use costs of the encode) warms up in the background: see pacs_ai.pipeline.warmup.
     ctx = context()
     warmup.start(ctx.settings, ctx.models)
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _build_in_main_process(**_: object) -> None:
+    # A send-only worker runs its deliveries in threads of this process, where no pool
+    # process starts: its context is built here, before it takes its first delivery. A worker
+    # that infers builds nothing in this parent (CUDA belongs to the spawned pool processes).
+    from pacs_ai.config import load_settings
+
+    if "infer" not in load_settings().worker.queues:
+        context()
 
 
 @app.task(name=INFER_TASK)  # type: ignore[untyped-decorator]

@@ -58,9 +58,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def print_config_error(exc: ConfigError) -> None:
-    err.print(f"[red]invalid configuration[/red] ({exc.source}):")
+    err.print(f"[red]invalid configuration[/red] ({escape(str(exc.source))}):")
     for key, message in exc.problems:
-        err.print(f"  {key or '(file)'}: {message}")
+        # Messages name TOML tables ([[peers]], [worker]): text, not console markup.
+        err.print(f"  {escape(key or '(file)')}: {escape(message)}")
 
 
 @contextmanager

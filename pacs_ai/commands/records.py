@@ -17,6 +17,7 @@ from pacs_ai.commands.common import (
     out,
     when,
 )
+from pacs_ai.storage.index import RULES_MATCHED, RULES_NONE_MATCHED
 
 studies_app = typer.Typer(help="Studies the node holds.", no_args_is_help=True)
 jobs_app = typer.Typer(help="AI jobs: one model on one series.", no_args_is_help=True)
@@ -48,8 +49,10 @@ def studies_list(
     for name in ("from", "state", "patient id", "accession", "date"):
         table.add_column(name, no_wrap=True)
     table.add_column("description", overflow="ellipsis", max_width=24)
-    for name in ("mod", "series", "inst", "last received"):
+    for name in ("mod", "series", "inst"):
         table.add_column(name, no_wrap=True)
+    table.add_column("rules", overflow="ellipsis", max_width=24)
+    table.add_column("last received", no_wrap=True)
     for r in rows:
         table.add_row(
             r["study_instance_uid"],
@@ -62,6 +65,7 @@ def studies_list(
             r["modalities"],
             str(r["series_count"]),
             str(r["instance_count"]),
+            _rules(r, short=True),
             when(r["last_received_at"]),
         )
     out.print(table)
@@ -98,6 +102,7 @@ def studies_show(
             f"completed {when(s['completed_at'])} "
             f"({s['completions']}x, reopened {s['reopened']}x)"
         )
+        out.print(f"  rules: {_rules(s)}")
         table = Table()
         table.add_column("series instance uid", no_wrap=True, min_width=20)
         for name in ("#", "modality", "description", "body part", "instances"):
@@ -112,6 +117,16 @@ def studies_show(
                 str(x["instance_count"]),
             )
         out.print(table)
+
+
+def _rules(study: dict[str, Any], short: bool = False) -> str:
+    """What the rules made of the study's latest completion (index.StudySummary.rules_state)."""
+    state = study["rules_state"]
+    if state == RULES_MATCHED:
+        return ", ".join(study["rules_fired"])
+    if state == RULES_NONE_MATCHED:
+        return "none matched" if short else "none matched (kept; nothing runs)"
+    return "not planned" if short else "not planned yet"
 
 
 # --- jobs ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from pacs_ai.commands.common import (
     ConfigOption,
@@ -53,7 +54,7 @@ def rules_check(
                 f"{', '.join(rule.get('results_to', [])) or 'the sender'}"
             )
         for problem in report["problems"]:
-            err.print(f"[red]error:[/red] {problem}")
+            err.print(f"[red]error:[/red] {escape(problem)}")
         if not report["problems"]:
             out.print(f"[green]{len(report['rules'])} rule(s) valid[/green]")
     if report["problems"]:

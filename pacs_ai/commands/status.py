@@ -88,7 +88,8 @@ def _print_workers(data: dict[str, Any]) -> None:
         out.print("[red]no worker answers[/red]: no job runs and no result is sent")
         return
     table = Table(title=f"{len(workers)} workers")
-    for column in ("worker", "queues", "processes", "device", "running now", "tasks taken"):
+    # Concurrency: pool processes of a worker that infers, threads of a send-only one.
+    for column in ("worker", "queues", "concurrency", "device", "running now", "tasks taken"):
         table.add_column(column)
     now = time.time()
     for w in workers:

@@ -165,6 +165,22 @@ def not_installed(name: str, installed: Collection[str]) -> str | None:
     return f"model {name!r} is not installed (installed: {', '.join(installed) or 'none'})"
 
 
+def wrong_device(name: str, manifest: ModelManifest, device: str) -> str | None:
+    """Why model ``name`` cannot run on ``device`` (a worker's resolved device: ``cpu``,
+    ``cuda``, ``cuda:N``), saying how to fix it; ``None`` when it can.
+
+    Only a model that needs CUDA is refused, on a CPU: loaded there it would run, if at all,
+    far slower than whoever wrote its manifest allowed for. A ``cpu`` model on a GPU worker
+    is left to load where the worker puts it.
+    """
+    if manifest.device != "cuda" or device.startswith("cuda"):
+        return None
+    return (
+        f"model {name!r} needs a CUDA device; this worker runs on {device}: "
+        "run `pacs-ai worker --queues infer --device cuda:0` on a GPU machine"
+    )
+
+
 def check_installed(
     paths: Sequence[Path], wanted: Sequence[tuple[str, str]], source: str = ""
 ) -> None:
@@ -198,8 +214,35 @@ def check_preload(settings: Settings) -> None:
     """What ``pacs-ai worker`` checks before Celery starts: a GPU server that names a model it
     does not have refuses to start, with the name and the models it has, as ``pacs-ai
     serve`` does for a rule's model (a warning in its log would only be found when the first
-    study comes late)."""
-    check_installed(settings.models.paths, preload_wanted(settings), "worker")
+    study comes late). So does a worker on a CPU asked to preload a model that needs CUDA
+    (:func:`wrong_device`): every job of that model would fail there."""
+    wanted = preload_wanted(settings)
+    check_installed(settings.models.paths, wanted, "worker")
+    check_preload_device(settings, "worker")
+
+
+def check_preload_device(settings: Settings, source: str) -> None:
+    """Refuse a preload of a model that needs CUDA on a worker that runs on the CPU (the
+    models are installed: :func:`check_installed` came first)."""
+    wanted = preload_wanted(settings)
+    if not wanted:
+        return
+    manifests = available()
+    needs_cuda = [(key, name) for key, name in wanted if manifests[name].device == "cuda"]
+    if not needs_cuda:
+        return
+    # Imported here: that module imports this one. Resolved only now, because "auto" imports
+    # torch to look for a GPU, which a worker whose models run anywhere need not pay for here.
+    from pacs_ai.pipeline.infer import resolve_device
+
+    device = resolve_device(settings.worker.device)
+    problems = [
+        (key, why)
+        for key, name in needs_cuda
+        if (why := wrong_device(name, manifests[name], device))
+    ]
+    if problems:
+        raise ConfigError(problems, source)
 
 
 def create(name: str) -> Model:

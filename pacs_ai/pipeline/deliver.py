@@ -149,8 +149,14 @@ def request_commitment(ctx: WorkerContext, delivery_id: int) -> str:
 
 
 def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
-    delivery = jobs.claim_delivery(ctx.engine, delivery_id, ctx.clock())
-    if delivery is None:
+    per_peer = ctx.settings.delivery.max_per_peer
+    delivery = jobs.claim_delivery(ctx.engine, delivery_id, ctx.clock(), per_peer)
+    if delivery == jobs.PEER_BUSY:
+        logger.info(
+            "delivery %d put off: its peer has %d deliveries in flight", delivery_id, per_peer
+        )
+        return jobs.PEER_BUSY
+    if not isinstance(delivery, jobs.ClaimedDelivery):
         # Not PENDING: a DONE delivery comes back here when its commitment is due again.
         outcome = request_commitment(ctx, delivery_id)
         return "NOT_CLAIMED" if outcome == commitments.NOT_DUE else outcome
@@ -183,7 +189,8 @@ def run_delivery(ctx: WorkerContext, delivery_id: int) -> str:
         if peer is not None and peer.storage_commitment:
             request_commitment(ctx, delivery_id)
         return "DONE"
+    policy = ctx.settings.delivery
     delay = jobs.delivery_failed(
-        ctx.engine, delivery, error, ctx.clock(), ctx.settings.delivery.backoff_s
+        ctx.engine, delivery, error, ctx.clock(), policy.backoff_s, policy.backoff_max_s
     )
     return "FAILED" if delay is None else "PENDING"

@@ -93,6 +93,7 @@ class Dispatcher:
         facts = self._facts(done.study_id)
         decisions = evaluate(self.settings.rules, facts)
         if not decisions:
+            # Recorded, not dropped: `pacs-ai studies list` shows it planned with no rule.
             logger.info("study %s: no rule matches; kept, nothing to run", done.study_instance_uid)
             jobs.plan_nothing(self.engine, (done.study_id, done.completions), self.clock())
             return
@@ -115,6 +116,7 @@ class Dispatcher:
             # Marked planned with the rows it creates: a node that dies before this commit
             # leaves the completion unplanned, and the reconciler plans it.
             completion=(done.study_id, done.completions),
+            rules_fired=jobs.fired_rules(decisions, self.settings.rules),
         )
         # The worklist shows the study at its planned priority before any model has run.
         refresh_worklist(self.engine, self.settings.rules, done.study_id)

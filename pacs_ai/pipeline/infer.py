@@ -29,7 +29,7 @@ from pacs_ai.dicom.encode import part10_bytes
 from pacs_ai.errors import NetworkError, NotAVolume, PacsAiError
 from pacs_ai.imaging.volume import build_volume, in_volume_order
 from pacs_ai.models.base import Model, ModelManifest, Prediction
-from pacs_ai.models.registry import create
+from pacs_ai.models.registry import create, wrong_device
 from pacs_ai.pipeline.jobs import ClaimedJob, Output
 from pacs_ai.pipeline.link import JobLink, LeaseLost, LocalLink
 from pacs_ai.pipeline.memory import collector_paused
@@ -48,6 +48,11 @@ def worker_name() -> str:
 
 class Unsuitable(PacsAiError):
     """The series is not something this model accepts (modality, slice count)."""
+
+
+class WrongDevice(PacsAiError):
+    """The model needs a device this worker does not have: its manifest says ``cuda``, the
+    worker runs on the CPU. The message names the model and how to fix it."""
 
 
 def resolve_device(requested: str) -> str:
@@ -94,6 +99,10 @@ class ModelCache:
             loading = 0.0
             if name not in self.loaded:
                 model = create(name)
+                # Before the load: a model that needs CUDA is not loaded on a CPU at all.
+                why = wrong_device(name, model.manifest, self.device)
+                if why is not None:
+                    raise WrongDevice(why)
                 started = time.perf_counter()
                 model.load(self.device)
                 loading = time.perf_counter() - started
@@ -211,6 +220,15 @@ def run_job(ctx: JobRunner, job_id: int) -> str:
         except (NotAVolume, Unsuitable) as exc:
             link.skip(job, str(exc))
             return "SKIPPED"
+        except WrongDevice as exc:
+            # Not SKIPPED: the series is fine, this worker is not, and FAILED (with `pacs-ai
+            # jobs retry` once a GPU worker runs) is where an admin looks for what to fix. An
+            # ordinary failed attempt: its retry goes back to the infer queue, which a GPU worker
+            # of a mixed pool may take; on CPU workers alone each attempt fails at once (nothing
+            # is loaded or read) and the job ends FAILED. Failing without a retry would need a
+            # call of its own on both links (local and HTTP), for attempts that cost nothing.
+            logger.error("job %d: %s", job_id, exc)
+            return link.fail(job, str(exc))
         except NetworkError:
             # The node itself is out of reach: nothing can be recorded there. The job's lease
             # runs out and the reconciler sends it again.

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, or_, select, true, update
+from sqlalchemy import Connection, Engine, Row, and_, func, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pacs_ai.config import PeerSettings
@@ -38,6 +38,8 @@ from pacs_ai.storage.schema import (
     FAILED,
     PENDING,
     QUEUED,
+    RULES_FIRED_MAX,
+    RULES_FIRED_MORE,
     RUNNING,
     SENDING,
     SKIPPED,
@@ -120,9 +122,27 @@ def _insert_ignore(engine_or_conn: Any) -> Any:
     return postgresql.insert if engine_or_conn.dialect.name == "postgresql" else sqlite.insert
 
 
+def fired_rules(decisions: Sequence[Decision], rules: Sequence[RuleSettings]) -> list[str]:
+    """The names of the rules that matched at least one series, in the configured order."""
+    matched = {d.rule for d in decisions if d.matched}
+    return [r.name for r in rules if r.name in matched]
+
+
+def rules_fired_text(names: Sequence[str]) -> str:
+    """``names`` as ``studies.rules_fired`` holds them: comma-separated, and cut at a whole
+    name with a final ``RULES_FIRED_MORE`` when they would not fit the column."""
+    kept = list(names)
+    text = ",".join(kept)
+    while len(text) > RULES_FIRED_MAX:
+        kept.pop()
+        text = ",".join([*kept, RULES_FIRED_MORE])
+    return text
+
+
 def plan_nothing(engine: Engine, completion: tuple[int, int], now: float) -> None:
-    """Mark a study's completion (study id, number) planned with nothing to run, so the
-    reconciler does not take it for one lost between completing and routing."""
+    """Mark a study's completion (study id, number) planned with no rule matched, so the
+    reconciler does not take it for one lost between completing and routing, and an admin
+    sees that nothing runs on it (``rules_fired`` "")."""
     create(engine, [], [], 0, 0, now, completion)
 
 
@@ -134,11 +154,13 @@ def create(
     delivery_attempts: int,
     now: float,
     completion: tuple[int, int] | None = None,
+    rules_fired: Sequence[str] = (),
 ) -> tuple[list[tuple[int, Priority]], list[int]]:
     """Insert jobs and forward deliveries once (re-planning the same completion adds nothing).
 
     With ``completion`` = (study id, completion number), the study's completion is marked
-    planned in the same transaction, and a completion already planned creates nothing: the
+    planned in the same transaction, with the names of the rules that matched it
+    (``rules_fired``, in rule order), and a completion already planned creates nothing: the
     assembler and the reconciler may both try, one of them plans. (Forwards have no job, so
     no unique key would stop a second copy.)
 
@@ -152,7 +174,7 @@ def create(
             first = conn.execute(
                 update(studies)
                 .where(studies.c.id == study_id, studies.c.planned_completions < number)
-                .values(planned_completions=number)
+                .values(planned_completions=number, rules_fired=rules_fired_text(rules_fired))
             ).rowcount
             if not first:
                 return [], []
@@ -499,13 +521,39 @@ class ClaimedDelivery:
     max_attempts: int
 
 
-def claim_delivery(engine: Engine, delivery_id: int, now: float) -> ClaimedDelivery | None:
+PEER_BUSY = "PEER_BUSY"
+"""What :func:`claim_delivery` returns for a delivery whose peer has ``per_peer`` in flight."""
+PEER_BUSY_RETRY_S = 1.0
+"""A delivery put off for a busy peer is due again this soon: the reconciler's next pass."""
+
+
+def claim_delivery(
+    engine: Engine, delivery_id: int, now: float, per_peer: int | None = None
+) -> ClaimedDelivery | str | None:
+    """PENDING → SENDING, one attempt more; None when it is not PENDING.
+
+    With ``per_peer``, a delivery whose peer already has that many SENDING (from any worker)
+    is left PENDING and due again shortly (:data:`PEER_BUSY`): a peer that accepts the
+    connection and never answers then holds that many of the senders until its timeout, not
+    all of them, and the other destinations go on. (Counted in the claiming statement itself;
+    on PostgreSQL two claims at the same moment may still both pass.)
+    """
+    claim = update(deliveries).where(deliveries.c.id == delivery_id, deliveries.c.state == PENDING)
+    if per_peer is not None:
+        others = deliveries.alias("in_flight")
+        in_flight = (
+            select(func.count())
+            .select_from(others)
+            .where(others.c.peer == deliveries.c.peer, others.c.state == SENDING)
+            .correlate(deliveries)
+            .scalar_subquery()
+        )
+        claim = claim.where(in_flight < per_peer)
     with engine.begin() as conn:
         row = conn.execute(
-            update(deliveries)
-            .where(deliveries.c.id == delivery_id, deliveries.c.state == PENDING)
-            .values(state=SENDING, attempts=deliveries.c.attempts + 1, updated_at=now)
-            .returning(
+            claim.values(
+                state=SENDING, attempts=deliveries.c.attempts + 1, updated_at=now
+            ).returning(
                 deliveries.c.job_id,
                 deliveries.c.study_id,
                 deliveries.c.peer,
@@ -515,6 +563,14 @@ def claim_delivery(engine: Engine, delivery_id: int, now: float) -> ClaimedDeliv
                 deliveries.c.max_attempts,
             )
         ).first()
+        if row is None and per_peer is not None:
+            put_off = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id, deliveries.c.state == PENDING)
+                .values(next_attempt_at=now + PEER_BUSY_RETRY_S)
+            ).rowcount
+            if put_off:
+                return PEER_BUSY
     if row is None:
         return None
     return ClaimedDelivery(
@@ -529,12 +585,22 @@ def claim_delivery(engine: Engine, delivery_id: int, now: float) -> ClaimedDeliv
     )
 
 
+def _this_attempt(delivery: ClaimedDelivery) -> tuple[Any, ...]:
+    # The attempt that was claimed, still SENDING: one cut off as stale (release_cut_off_sends)
+    # and claimed again must not record its late outcome over the newer attempt's.
+    return (
+        deliveries.c.id == delivery.id,
+        deliveries.c.state == SENDING,
+        deliveries.c.attempts == delivery.attempt,
+    )
+
+
 def delivered(engine: Engine, delivery: ClaimedDelivery, now: float) -> None:
     """SENDING → DONE; the job becomes DELIVERED when its last delivery is done."""
     with engine.begin() as conn:
         conn.execute(
             update(deliveries)
-            .where(deliveries.c.id == delivery.id, deliveries.c.state == SENDING)
+            .where(*_this_attempt(delivery))
             .values(state=DONE, last_error="", updated_at=now)
         )
         if delivery.job_id is None:
@@ -553,22 +619,40 @@ def delivered(engine: Engine, delivery: ClaimedDelivery, now: float) -> None:
 
 
 def delivery_failed(
-    engine: Engine, delivery: ClaimedDelivery, error: str, now: float, backoff_s: float
+    engine: Engine,
+    delivery: ClaimedDelivery,
+    error: str,
+    now: float,
+    backoff_s: float,
+    backoff_max_s: float = float("inf"),
 ) -> float | None:
-    """Record a failed send; return the delay before the next attempt, or None when FAILED."""
+    """Record a failed send; return the delay before the next attempt, or None when FAILED.
+
+    The delay doubles from ``backoff_s`` up to ``backoff_max_s``: with many attempts allowed,
+    doubling alone would put the last ones months away.
+    """
     final = delivery.attempt >= delivery.max_attempts
-    delay = None if final else backoff_s * 2 ** (delivery.attempt - 1)
+    delay = None if final else min(backoff_s * 2 ** (delivery.attempt - 1), backoff_max_s)
     with engine.begin() as conn:
-        conn.execute(
+        recorded = conn.execute(
             update(deliveries)
-            .where(deliveries.c.id == delivery.id, deliveries.c.state == SENDING)
+            .where(*_this_attempt(delivery))
             .values(
                 state=FAILED if final else PENDING,
                 last_error=error[:1024],
                 next_attempt_at=None if delay is None else now + delay,
                 updated_at=now,
             )
+        ).rowcount
+    if not recorded:
+        logger.warning(
+            "delivery %d to %s attempt %d failed after it was cut off and sent again: %s",
+            delivery.id,
+            delivery.peer,
+            delivery.attempt,
+            error,
         )
+        return delay
     logger.warning(
         "delivery %d to %s attempt %d/%d failed: %s%s",
         delivery.id,

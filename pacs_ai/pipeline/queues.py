@@ -202,7 +202,8 @@ class WorkerInfo:
     """One Celery worker as it answered; None where it did not answer that question.
 
     ``processed`` counts the tasks it has taken since it started (running, done or failed),
-    ``concurrency`` its pool's processes, ``device`` the configured one (``auto`` unresolved).
+    ``concurrency`` its pool's size (processes; threads for a send-only worker), ``device``
+    the configured one (``auto`` unresolved).
     """
 
     name: str

@@ -118,6 +118,18 @@ def series_values(h: InstanceHeader, study_id: int, now: float) -> dict[str, Any
 # --- reading -------------------------------------------------------------------------------
 
 
+# What the rules made of a study's latest completion (StudySummary.rules_state).
+RULES_NOT_PLANNED = "NOT_PLANNED"  # never completed, or completed and not yet routed
+RULES_MATCHED = "MATCHED"  # rules_fired names them
+RULES_NONE_MATCHED = "NONE_MATCHED"  # kept, and nothing runs on it
+
+
+def rules_state(completions: int, planned_completions: int, rules_fired: str) -> str:
+    if completions == 0 or planned_completions < completions:
+        return RULES_NOT_PLANNED
+    return RULES_MATCHED if rules_fired else RULES_NONE_MATCHED
+
+
 @dataclass(frozen=True)
 class StudySummary:
     id: int
@@ -138,9 +150,15 @@ class StudySummary:
     completed_at: float | None
     completions: int
     reopened: int
+    planned_completions: int
+    # The rules that matched completion number planned_completions, in rule order
+    # (studies.rules_fired). Empty before any planning and when none matched, and a
+    # completion not planned yet still shows the last one's: rules_state tells which.
+    rules_fired: tuple[str, ...]
+    rules_state: str
 
     def as_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "rules_fired": list(self.rules_fired)}
 
 
 def _study_summaries(
@@ -205,6 +223,9 @@ def _summary(r: Row[Any], modalities: set[str]) -> StudySummary:
         completed_at=r.completed_at,
         completions=r.completions,
         reopened=r.reopened,
+        planned_completions=r.planned_completions,
+        rules_fired=tuple(n for n in r.rules_fired.split(",") if n),
+        rules_state=rules_state(r.completions, r.planned_completions, r.rules_fired),
     )
 
 

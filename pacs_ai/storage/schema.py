@@ -36,6 +36,11 @@ RECEIVING = "RECEIVING"
 COMPLETE = "COMPLETE"
 STUDY_STATES = (RECEIVING, COMPLETE)
 
+# studies.rules_fired: room for the names of the rules a completion matched.
+RULES_FIRED_MAX = 512
+# Ends a rules_fired list cut short to fit; no rule name can hold it (route.RuleSettings).
+RULES_FIRED_MORE = "…"
+
 studies = Table(
     "studies",
     metadata,
@@ -65,6 +70,12 @@ studies = Table(
     # ``completions`` when the node died between completing a study and planning it: the
     # reconciler then plans it.
     Column("planned_completions", Integer, nullable=False, default=0),
+    # The rules that matched when that completion was planned, comma-separated in rule order
+    # ("" = none: the study is kept and nothing runs), written in the same transaction; what
+    # the latest completion got once planned_completions == completions. A server default
+    # only: a Python one would put the column in every INSERT through this table, which then
+    # fails on a database at a revision before 0011 (the migration tests fill those).
+    Column("rules_fired", String(RULES_FIRED_MAX), nullable=False, server_default=""),
     # The worklist (pacs_ai/worklist): priority from the rules and the findings, kept here so
     # the list sorts in the database; priority_rank is Priority.rank (0 = no AI planned).
     Column("priority", String(16), nullable=False, default=""),
