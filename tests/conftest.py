@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine
 
 from pacs_ai.phantoms.chest_ct import ChestTruth, Geometry, write_chest_ct
-from pacs_ai.storage.db import open_database
+from pacs_ai.storage.db import make_engine, open_database
 from tests.databases import (
     MODE_ENV,
     MODES,
@@ -145,6 +145,15 @@ def database_url() -> Iterator[str]:
     """A node's ``[database] url`` for this run: empty (SQLite in its data dir) or PostgreSQL."""
     with node_database() as url:
         yield url
+
+
+@pytest.fixture(params=database_params())
+def bare_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An empty, unmigrated index database: SQLite and PostgreSQL (the migration tests)."""
+    with empty_database(request.param, tmp_path) as url:
+        eng = make_engine(url)
+        yield eng
+        eng.dispose()
 
 
 @pytest.fixture(params=database_params())

@@ -246,3 +246,16 @@ def read_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
             return [tuple(row) for row in conn.execute(text(sql))]
     finally:
         engine.dispose()
+
+
+def alembic(engine: Engine, action: Any, revision: str) -> None:
+    """Run an Alembic command (``command.upgrade`` or ``command.downgrade``) to ``revision``
+    on ``engine``: the migration tests' way to put a database at an older revision."""
+    from alembic.config import Config
+
+    from pacs_ai.storage import db
+
+    config = Config(str(db._ALEMBIC_INI))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        action(config, revision)

@@ -5,16 +5,13 @@ PostgreSQL's INTEGER is 32 bits; SQLite's already holds 64, so there these guard
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
-import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, insert, select, text
 
 from pacs_ai.audit.events import AuditEvent, Kind
@@ -24,7 +21,7 @@ from pacs_ai.dicom.header import read_header
 from pacs_ai.storage import db, index, retention, stats
 from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.storage.schema import SOURCE, audit, instances, series, studies
-from tests.databases import database_params, empty_database
+from tests.databases import alembic
 from tests.realdata import real_file
 
 BIG = 3 * 2**31  # 6 GiB
@@ -32,22 +29,6 @@ BIG = 3 * 2**31  # 6 GiB
 BIG_NUMBER = 10**11
 HEADER = read_header(real_file("CT_small.dcm").read_bytes())
 DAY = 86400.0
-
-
-@pytest.fixture(params=database_params())
-def bare_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """An empty, unmigrated index database: SQLite and PostgreSQL."""
-    with empty_database(request.param, tmp_path) as url:
-        eng = db.make_engine(url)
-        yield eng
-        eng.dispose()
-
-
-def _upgrade(engine: Engine, revision: str) -> None:
-    config = Config(str(db._ALEMBIC_INI))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
 
 
 def test_a_6_gib_instance_is_recorded_and_counted(engine: Engine, tmp_path: Path) -> None:
@@ -139,7 +120,7 @@ def test_keys_run_past_2_to_the_31(engine: Engine) -> None:
 
 
 def test_migrating_from_0009_keeps_rows_and_takes_big_instances(bare_engine: Engine) -> None:
-    _upgrade(bare_engine, "0009")
+    alembic(bare_engine, command.upgrade, "0009")
     largest = 2**31 - 1  # what a 32-bit column could hold
     with bare_engine.begin() as conn:
         study_id = conn.execute(

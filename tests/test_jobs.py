@@ -521,10 +521,10 @@ def test_a_peer_gets_at_most_per_peer_deliveries_in_flight(engine: Engine) -> No
     assert isinstance(first, jobs.ClaimedDelivery) and isinstance(second, jobs.ClaimedDelivery)
     # The third to the same peer waits, uncounted, and is due again at the next pass.
     assert jobs.claim_delivery(engine, a3, now=20.0, per_peer=2) == jobs.PEER_BUSY
-    row = jobs.delivery_row(engine, a3)
-    assert row is not None
-    assert (row.state, row.attempts) == ("PENDING", 0)
-    assert row.next_attempt_at == 20.0 + jobs.PEER_BUSY_RETRY_S
+    waiting = jobs.delivery_row(engine, a3)
+    assert waiting is not None
+    assert (waiting.state, waiting.attempts) == ("PENDING", 0)
+    assert waiting.next_attempt_at == 20.0 + jobs.PEER_BUSY_RETRY_S
     assert a3 not in jobs.reconcile(engine, now=20.5, requeue_after_s=600).deliveries
     assert a3 in jobs.reconcile(engine, now=21.0, requeue_after_s=600).deliveries
     # Another peer is not held by it.

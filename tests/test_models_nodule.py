@@ -208,6 +208,8 @@ def test_the_training_command_writes_weights_that_load_and_run(tmp_path: Path) -
             "1",
             "--seed",
             str(seed),
+            "--held-out",
+            "1",  # one phantom scored, not eight: the score of two steps means nothing
         ],
         # Not the checkout: a default --out, relative to it, would be the shipped weights.
         cwd=tmp_path,
@@ -222,6 +224,7 @@ def test_the_training_command_writes_weights_that_load_and_run(tmp_path: Path) -
 
     metadata = json.loads(out.with_suffix(".json").read_text())
     assert (metadata["steps"], metadata["batch"], metadata["training_seed"]) == (2, 1, seed)
+    assert metadata["held_out_seeds"] == [1000]
     trained = torch.load(out, weights_only=True)
     with resources.as_file(shipped) as path:
         reference = torch.load(path, weights_only=True)

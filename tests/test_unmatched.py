@@ -10,15 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, insert, inspect, select
 
 from pacs_ai import admin
@@ -28,11 +24,11 @@ from pacs_ai.pipeline import jobs
 from pacs_ai.pipeline.assemble import Assembler
 from pacs_ai.pipeline.dispatch import PLANNING_GRACE_S, Dispatcher
 from pacs_ai.remote import RemoteAdmin
-from pacs_ai.storage import db, index
+from pacs_ai.storage import index
 from pacs_ai.storage.recorder import InstanceRecorder
 from pacs_ai.storage.schema import RULES_FIRED_MAX, RULES_FIRED_MORE, series, studies
 from pacs_ai.storage.schema import jobs as jobs_table
-from tests.databases import database_params, empty_database
+from tests.databases import alembic
 from tests.peers import without_node_settings
 from tests.realdata import real_file
 from tests.web import bearer, served, web_client
@@ -276,22 +272,6 @@ def test_the_http_admin_api_answers_as_the_local_admin(tmp_path: Path) -> None:
 # --- migration 0011 ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=database_params())
-def bare_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """An empty, unmigrated index database: SQLite and PostgreSQL."""
-    with empty_database(request.param, tmp_path) as url:
-        eng = db.make_engine(url)
-        yield eng
-        eng.dispose()
-
-
-def _alembic(engine: Engine, action: Any, revision: str) -> None:
-    config = Config(str(db._ALEMBIC_INI))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        action(config, revision)
-
-
 def _study_columns(engine: Engine) -> set[str]:
     return {c["name"] for c in inspect(engine).get_columns("studies")}
 
@@ -299,7 +279,7 @@ def _study_columns(engine: Engine) -> set[str]:
 def test_migration_0011_adds_rules_fired_to_existing_studies_and_removes_it(
     bare_engine: Engine,
 ) -> None:
-    _alembic(bare_engine, command.upgrade, "0010")
+    alembic(bare_engine, command.upgrade, "0010")
     assert "rules_fired" not in _study_columns(bare_engine)
     old = {
         "calling_ae": "OLD",
@@ -339,7 +319,7 @@ def test_migration_0011_adds_rules_fired_to_existing_studies_and_removes_it(
                 )
             )
 
-    _alembic(bare_engine, command.upgrade, "0011")
+    alembic(bare_engine, command.upgrade, "0011")
 
     with bare_engine.connect() as conn:
         rows = conn.execute(
@@ -357,7 +337,7 @@ def test_migration_0011_adds_rules_fired_to_existing_studies_and_removes_it(
     ]
     assert summary(bare_engine, "1.2.3.1").rules_state == index.RULES_NONE_MATCHED
 
-    _alembic(bare_engine, command.downgrade, "0010")
+    alembic(bare_engine, command.downgrade, "0010")
     assert "rules_fired" not in _study_columns(bare_engine)
     with bare_engine.connect() as conn:
         kept = conn.execute(select(studies.c.study_instance_uid).order_by(studies.c.id)).all()

@@ -84,15 +84,7 @@ def _pool_environment(tmp_path: Path, queues: str, **settings: str) -> dict[str,
         )
         for name in THRESHOLDS:
             env.pop(name, None)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pacs_ai", "worker", "--queues", queues, "--device", "cpu"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        worker = _worker(tmp_path, env, "--queues", queues, "--device", "cpu")
         try:
             # Its children: billiard's semaphore tracker, and the pool process (spawned).
             wait_for(lambda: bool(_pool(worker.pid)), 60, "the worker's pool process")
@@ -104,6 +96,19 @@ def _pool_environment(tmp_path: Path, queues: str, **settings: str) -> dict[str,
             worker.wait(30)
     finally:
         redis.stop()
+
+
+def _worker(cwd: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """A real ``pacs-ai worker`` in a session of its own (killed with its pool by kill_tree)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pacs_ai", "worker", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _pool(pid: int) -> list[int]:
@@ -144,15 +149,7 @@ def test_a_delivery_worker_runs_its_tasks_in_threads_of_one_process(tmp_path: Pa
         )
         for name in THRESHOLDS:
             env.pop(name, None)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pacs_ai", "worker", "--queues", "send", "--concurrency", "3"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        worker = _worker(tmp_path, env, "--queues", "send", "--concurrency", "3")
         try:
             wait_for(lambda: bool(broker_status(redis.url)["workers"]), 60, "the worker answering")
             (answer,) = broker_status(redis.url)["workers"]

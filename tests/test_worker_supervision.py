@@ -107,6 +107,7 @@ def test_a_worker_that_keeps_dying_young_is_restarted_later_each_time(
         # young death starts the delays over.
         clock.now += runtime.STEADY_S
         steady = worker.process
+        assert steady is not None
         steady.kill()
         steady.wait(60)
         with caplog.at_level(logging.ERROR, logger="pacs_ai.pipeline.runtime"):
@@ -138,8 +139,8 @@ def test_inference_and_delivery_get_a_worker_each(tmp_path: Path) -> None:
         assert [w.queues for w in ai.workers] == [("infer",), ("send",)]
         infer, send = ai.workers
         assert infer.process is not None and send.process is not None
-        assert "--queues infer" in " ".join(map(str, infer.process.args))
-        assert "--queues send" in " ".join(map(str, send.process.args))
+        assert "--queues infer" in " ".join(map(str, list(infer.process.args)))  # type: ignore[arg-type]
+        assert "--queues send" in " ".join(map(str, list(send.process.args)))  # type: ignore[arg-type]
         first_infer, dying = infer.process, send.process
         dying.kill()
         dying.wait(60)

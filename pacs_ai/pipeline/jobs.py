@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import Connection, Engine, Row, and_, func, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -525,6 +525,18 @@ PEER_BUSY = "PEER_BUSY"
 """What :func:`claim_delivery` returns for a delivery whose peer has ``per_peer`` in flight."""
 PEER_BUSY_RETRY_S = 1.0
 """A delivery put off for a busy peer is due again this soon: the reconciler's next pass."""
+
+
+@overload
+def claim_delivery(
+    engine: Engine, delivery_id: int, now: float, per_peer: None = None
+) -> ClaimedDelivery | None: ...
+
+
+@overload
+def claim_delivery(
+    engine: Engine, delivery_id: int, now: float, per_peer: int
+) -> ClaimedDelivery | str | None: ...
 
 
 def claim_delivery(
