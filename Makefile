@@ -40,7 +40,7 @@ unit: install
 # Two pytest-xdist workers, a test file each at a time (a file's module fixtures are made
 # once), the files with the most slow tests first (tests/conftest.py): most of a test's time
 # is spent waiting on the processes it starts (nodes, workers, Orthanc), so two at once take
-# ~13 minutes where one after the other took ~20.
+# 12-17 minutes (README, "The two commands") where one after the other took ~20.
 test: install system-deps lint typecheck
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 

@@ -216,8 +216,7 @@ def check_preload(settings: Settings) -> None:
     serve`` does for a rule's model (a warning in its log would only be found when the first
     study comes late). So does a worker on a CPU asked to preload a model that needs CUDA
     (:func:`wrong_device`): every job of that model would fail there."""
-    wanted = preload_wanted(settings)
-    check_installed(settings.models.paths, wanted, "worker")
+    check_installed(settings.models.paths, preload_wanted(settings), "worker")
     check_preload_device(settings, "worker")
 
 

@@ -123,8 +123,9 @@ def _insert_ignore(engine_or_conn: Any) -> Any:
 
 
 def fired_rules(decisions: Sequence[Decision], rules: Sequence[RuleSettings]) -> list[str]:
-    """The names of the rules that matched at least one series, in the configured order."""
-    matched = {d.rule for d in decisions if d.matched}
+    """The names of the rules that matched at least one series (route.evaluate's decisions
+    are the matches), in the configured order."""
+    matched = {d.rule for d in decisions}
     return [r.name for r in rules if r.name in matched]
 
 
